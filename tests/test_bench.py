@@ -35,3 +35,15 @@ def test_bench_sample_and_evaluate(capsys):
     assert main(["bench", "evaluate", "--resolution", "64", *TINY]) == 0
     row = _rows(capsys.readouterr().out)[0]
     assert row["img_s"] > 0 and row["seconds_for_50k"] > 0
+
+
+def test_bench_probe(capsys):
+    assert (
+        main(
+            ["bench", "probe", "--vae", "tiny-f16d32", "--resolution", "64", "--num-latents", "300", "--json"]
+        )
+        == 0
+    )
+    row = _rows(capsys.readouterr().out)[0]
+    assert row["feature_dim"] == 32 * 4 * 4 and row["num_latents"] == 300
+    assert row["seconds"] >= row["categorical_s"] + row["continuous_s"] + row["multilabel_s"] > 0

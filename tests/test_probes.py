@@ -17,10 +17,12 @@ from sendvae.analysis.attributes import (
 from sendvae.analysis.measures import gini, gmm_discrimination, kde_uniformity, pearson_r
 from sendvae.analysis.probes import (
     f1_scores,
+    fit_logistic,
     make_split,
     probe_categorical,
     probe_continuous,
     probe_multilabel,
+    ridge_path,
     standardize,
     top_k_recall,
 )
@@ -91,6 +93,40 @@ def test_pearson_hand_value():
     assert pearson_r([1, 2, 3], [3, 2, 1])[0] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="constant"):
         pearson_r([1, 2, 3], [1, 1, 1])
+
+
+@pytest.mark.parametrize("c", [0.05, 1.0])
+def test_logistic_solver_matches_sklearn(c):
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6))
+    cls = np.argmax(x[:, :3] + 0.8 * rng.normal(size=(200, 3)), 1)  # 3 overlapping classes
+    xt = torch.from_numpy(x)
+    w, b = fit_logistic(xt, torch.from_numpy(cls), c, 3)
+    ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, cls)  # multinomial
+    np.testing.assert_allclose(w.T.numpy(), ref.coef_, atol=2e-4)
+    np.testing.assert_allclose(b.numpy(), ref.intercept_, atol=2e-4)
+    # two binary columns fitted jointly == two separate sklearn fits
+    yb = np.stack([x[:, 0] + rng.normal(size=200) > 0, x[:, 1] - x[:, 2] > 0.3], 1)
+    w, b = fit_logistic(xt, torch.from_numpy(yb).double(), c, 2)
+    for a in range(2):
+        ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, yb[:, a])
+        np.testing.assert_allclose(w[:, a].numpy(), ref.coef_[0], atol=2e-4)
+        assert b[a].item() == pytest.approx(ref.intercept_[0], abs=2e-4)
+
+
+@pytest.mark.parametrize("n", [80, 30])  # primal (D <= n) and dual (D > n) forms
+def test_ridge_solver_matches_sklearn(n):
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(n, 40)), rng.normal(size=(n, 2))
+    alphas = (0.1, 10.0)
+    for alpha, (w, b) in zip(alphas, ridge_path(torch.from_numpy(x), torch.from_numpy(y), alphas)):
+        ref = Ridge(alpha=alpha).fit(x, y)
+        np.testing.assert_allclose(w.T.numpy(), ref.coef_, atol=1e-8)
+        np.testing.assert_allclose(b.numpy(), ref.intercept_, atol=1e-8)
 
 
 def test_probes_on_linear_targets():
@@ -231,3 +267,43 @@ def test_model_names_from_runs_and_explicit_labels(tmp_path):
     assert model_label(str(export)) == "my-run"
     assert split_source(f"base={export}") == ("base", str(export))
     assert split_source("tiny-f4d4") == ("tiny-f4d4", "tiny-f4d4")
+
+
+def test_probe_from_latent_stores(tmp_path, capsys):
+    from sendvae.commands.cache_latents import main as cache
+
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    save_vae(load_vae("tiny-f4d4"), vae)
+    common = ["--vae", str(vae), "--resolution", "32", "--no-progress", "--device", "cpu", "--workers", "0"]
+    assert cache([*common, "--data", "shapes", "--num-images", "120", "--output", str(tmp_path / "s")]) == 0
+    # the store's latents and the same VAE run on the same images give the same probe numbers
+    # (the per-channel normalisation differs, but the probes standardise every dimension; the latent
+    # measures see the normalised latents and may differ)
+    out = tmp_path / "out"
+    argv = ["--latents", f"store={tmp_path / 's'}", "--vae", str(vae), "--num-images", "100"]
+    assert cmd.main([*argv, "--no-progress", "--output", str(out)]) == 0
+    res = json.loads((out / "probe.json").read_text())["results"]
+    assert res["store"]["feature_dim"] == res["vae"]["feature_dim"] == 4 * 8 * 8
+    for k, v in res["vae"]["summary"].items():
+        if not k.startswith(("gmm", "uniformity")):
+            assert res["store"]["summary"][k] == pytest.approx(v, abs=1e-3), k
+    assert "group:colour" in res["store"]["summary"]
+
+    # a store of other images: class labels only, and no images for --vae
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(12):
+            colour = (200, 30 + 5 * i, 30) if c == "cat" else (30, 30 + 5 * i, 200)
+            Image.new("RGB", (40, 40), colour).save(tmp_path / "imgs" / c / f"{i}.png")
+    folder = ["--data", "imagefolder", "--data-path", str(tmp_path / "imgs"), "--output", str(tmp_path / "f")]
+    assert cache([*common, *folder]) == 0
+    out2 = tmp_path / "out2"
+    assert cmd.main(["--latents", str(tmp_path / "f"), "--no-progress", "--output", str(out2)]) == 0
+    summary = json.loads((out2 / "probe.json").read_text())["results"]["f"]["summary"]
+    assert summary["class_accuracy"] == 1.0  # red vs blue squares
+    capsys.readouterr()
+    assert cmd.main(["--latents", str(tmp_path / "f"), "--pixels", "--no-progress"]) == 2
+    assert "not at hand for --vae / --pixels" in capsys.readouterr().err
+    assert cmd.main(["--latents", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "not a latent store" in capsys.readouterr().err

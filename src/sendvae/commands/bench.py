@@ -11,12 +11,14 @@ import json
 import torch
 
 NAME = "bench"
-HELP = "measure throughput and memory of a stage (vae, train-vae, train-sit, sample, evaluate)"
+HELP = "measure throughput and memory of a stage (vae, train-vae, train-sit, sample, evaluate, probe)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "what", choices=["vae", "train-vae", "train-sit", "sample", "evaluate"], help="what to measure"
+        "what",
+        choices=["vae", "train-vae", "train-sit", "sample", "evaluate", "probe"],
+        help="what to measure",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--vae", action="append", help="VAE preset(s) (default: f8d4 and f16d32)")
@@ -45,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cfg-scale", type=float, default=1.5, help="sample: guidance scale (1 = one pass per step)"
     )
     p.add_argument("--steps", type=int, default=250, help="sample: sampler steps of the implied 50k run")
+    p.add_argument(
+        "--num-latents", type=int, default=50_000, help="probe: latents to probe (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows")
 
 
@@ -138,6 +143,20 @@ def run(args: argparse.Namespace) -> int:
             f"FID Inception at {r['resolution']} px, batch {r['batch']}: {r['img_s']:.1f} img/s; "
             f"50k images: {r['seconds_for_50k']:.0f} s"
         )
+    elif args.what == "probe":
+        from ..bench.probe import bench_probe
+
+        for name in args.vae or ["f16d32"]:
+            r = bench_probe(name, dev, args.num_latents, args.resolution)
+            rows.append(r)
+            parts = ", ".join(
+                f"{k[:-2]} {v:.1f} s" for k, v in r.items() if k.endswith("_s") and k != "seconds"
+            )
+            print(
+                f"probe {r['num_latents']} latents of {name} at {args.resolution} px "
+                f"({r['feature_dim']} dims), {r['num_probes']} probes + measures: "
+                f"{r['seconds']:.1f} s ({parts})"
+            )
     elif args.what == "train-sit":
         from ..bench.train_sit import bench_train_sit
 

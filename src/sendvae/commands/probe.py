@@ -3,9 +3,14 @@
     sendvae probe --vae export/vae --vae tiny-f4d4 --pixels --data shapes --num-images 4000 \
         --resolution 64 --gfd vae=3.2 --gfd tiny-f4d4=9.1 --output probe-out
 
+    sendvae probe --latents runs/latents --num-images 50000     # from a latent store, no encoder run
+
 Features per model: the flattened posterior mean of the encoder, normalised per channel with the VAE's
 latent statistics (a preset name builds a random-init encoder, the untrained baseline); `--pixels` adds
-the raw image, area-downsampled to `--pixel-size`, as a baseline. For every probe target of the dataset
+the raw image, area-downsampled to `--pixel-size`, as a baseline. `--latents STORE` reads the posterior
+means of the un-flipped images from a `cache-latents` store instead, normalised with the store's
+statistics; a store of the embedded shapes gets every shapes probe target (its images are shapes
+0..N-1 of the store's seed), any other store its class labels. For every probe target of the dataset
 (see sendvae.analysis.attributes) a linear probe is fitted and scored (sendvae.analysis.probes); the
 class probe accuracy is the "semantic gap" measure; uniformity and discrimination are in
 sendvae.analysis.measures. Writes OUTPUT/probe.{md,csv,json}, OUTPUT/groups.png and, given --gfd values
@@ -36,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="VAE folder, checkpoint or preset, optionally NAME=PATH (repeatable)",
+    )
+    p.add_argument(
+        "--latents",
+        action="append",
+        default=[],
+        help="latent store folder (from cache-latents), optionally NAME=PATH (repeatable)",
     )
     p.add_argument("--vae-config", help="VAE preset naming the architecture of checkpoints without config")
     p.add_argument("--pixels", action="store_true", help="add raw downsampled pixels as a baseline")
@@ -115,16 +126,52 @@ def extract_features(
     return np.concatenate(out)
 
 
+def store_features(store, n: int) -> np.ndarray:
+    """(n, C*h*w) float32: normalised posterior means of the first n un-flipped images of a store."""
+    out = []
+    for s in range(0, n, 4096):
+        m = store.gather(np.arange(s, min(s + 4096, n)))  # (b, 2 flips, 2 [mean, std], C, h, w)
+        out.append(store.normalize(m[:, 0, 0].float()).flatten(1).numpy())
+    return np.concatenate(out)
+
+
+def store_probe_data(stores: list, num_images: int):
+    """The images and probe targets of images 0..n-1 of latent stores that all hold the same images.
+
+    A shapes store gets every shapes target (its images can also be rendered for --vae / --pixels);
+    any other store its class labels only, with no images.
+    """
+    from ..analysis.attributes import ProbeData, ProbeTask, shapes_data
+
+    infos = [st.manifest["dataset"] for st in stores]
+    keys = {(d["name"], d.get("seed"), d.get("path"), d["resolution"]) for d in infos}
+    if len(keys) > 1:
+        raise ValueError(
+            f"the latent stores hold different images: {sorted(map(str, keys))}; probe each alone"
+        )
+    info, n = infos[0], min(num_images, *(len(st) for st in stores))
+    if info["name"] == "shapes":
+        return shapes_data(n, info["resolution"], info.get("seed", 0))
+    labels = stores[0].labels[:n].astype(np.int64)
+    k = int(stores[0].num_classes)
+    tasks = [ProbeTask("class", "categorical", "class", labels)] if k > 1 else []
+    return ProbeData(info["name"], None, np.arange(n), tasks, labels, k, tuple(info.get("classes") or ()))
+
+
 # -- analysis --------------------------------------------------------------------------------------------
 
 
-def analyse(feats: np.ndarray, data, seed: int, pca_dim: int, bar=None) -> dict[str, Any]:
-    """Every probe and measure of one model's (N, D) features: {"tasks": {...}, "summary": {...}}."""
+def analyse(
+    feats: np.ndarray, data, seed: int, pca_dim: int, bar=None, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Every probe and measure of one model's (N, D) features: {"tasks": {...}, "summary": {...}}.
+
+    The probes are fitted on `device`; the uniformity and discrimination measures on the CPU."""
     from ..analysis.measures import gmm_discrimination, kde_uniformity
     from ..analysis.probes import PRIMARY_METRIC, make_split, run_probe, standardize
 
     split = make_split(len(feats), seed)
-    x = standardize(feats, split.train)
+    x = standardize(feats, split.train, device)
     tasks, groups = {}, {}
     for t in data.tasks:
         tasks[t.name] = {"kind": t.kind, "group": t.group, **run_probe(t.kind, x, t.target, split)}
@@ -239,39 +286,57 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..analysis.attributes import load_probe_data
+    from ..data.latent_store import LatentStore
     from ..models.vae_io import load_vae
 
+    stores = {name: LatentStore(path) for name, path in map(split_source, args.latents)}
     named = [split_source(s) for s in args.vae] + ([(PIXELS, PIXELS)] if args.pixels else [])
+    named += [(name, st) for name, st in stores.items()]
     if not named:
-        raise ValueError("nothing to probe: pass --vae PATH_OR_PRESET (repeatable) and/or --pixels")
+        raise ValueError(
+            "nothing to probe: pass --vae PATH_OR_PRESET, --latents STORE (both repeatable) and/or --pixels"
+        )
     labels, sources = [n for n, _ in named], [s for _, s in named]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"two models share a name: {labels}; name them with --vae NAME=PATH")
+        raise ValueError(f"two models share a name: {labels}; name them with --vae/--latents NAME=PATH")
     gfd = parse_gfd(args.gfd, labels)
     if args.num_images < 10:
         raise ValueError("--num-images must be >= 10")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    data = load_probe_data(args.data, args.data_root, args.num_images, args.resolution, args.seed)
+    if stores:
+        data = store_probe_data(list(stores.values()), args.num_images)
+        resolution = next(iter(stores.values())).manifest["dataset"]["resolution"]
+        if data.dataset is None and len(stores) < len(sources):
+            raise ValueError(
+                f"the images of a {data.name} latent store are not at hand for --vae / --pixels; "
+                "probe the stores alone, or cache the other VAEs' latents too and pass them with --latents"
+            )
+    else:
+        data = load_probe_data(args.data, args.data_root, args.num_images, args.resolution, args.seed)
+        resolution = args.resolution
     n = len(data.indices)
     print(
-        f"probe: {len(sources)} model(s) on {n} {args.data} images at {args.resolution} px, {device}",
-        flush=True,
+        f"probe: {len(sources)} model(s) on {n} {data.name} images at {resolution} px, {device}", flush=True
     )
     bar = tqdm(total=len(sources) * (n + len(data.tasks)), desc="probe", disable=args.no_progress)
     results = {}
     for label, src in zip(labels, sources):
-        if src == PIXELS:
-            model = PIXELS
+        if isinstance(src, LatentStore):
+            feats = store_features(src, n)
+            bar.update(n)
         else:
-            torch.manual_seed(args.seed)  # a preset's random init is the same on every run
-            model = load_vae(src, config=args.vae_config).to(device).eval().requires_grad_(False)
-        feats = extract_features(model, data, args.batch_size, device, args.pixel_size, bar)
+            if src == PIXELS:
+                model = PIXELS
+            else:
+                torch.manual_seed(args.seed)  # a preset's random init is the same on every run
+                model = load_vae(src, config=args.vae_config).to(device).eval().requires_grad_(False)
+            feats = extract_features(model, data, args.batch_size, device, args.pixel_size, bar)
         with threadpool_limits(args.threads):  # the same thread count gives the same numbers
-            found = analyse(feats, data, args.seed, args.pca_dim, bar)
+            found = analyse(feats, data, args.seed, args.pca_dim, bar, device)
         results[label] = {
-            "source": src,
+            "source": str(src.root) if isinstance(src, LatentStore) else src,
             "feature_dim": feats.shape[1],
             **found,
         }
@@ -279,10 +344,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        k: getattr(args, k) for k in ("data", "num_images", "resolution", "seed", "pca_dim", "pixel_size")
-    }
-    meta["num_images"] = n
+    meta = {k: getattr(args, k) for k in ("seed", "pca_dim", "pixel_size")}
+    meta.update(data=data.name, num_images=n, resolution=resolution)
     cols = write_tables(results, out, meta)
     plot_groups(results, out / "groups.png")
     if gfd:
