@@ -7,6 +7,12 @@ import torch
 torch.set_num_threads(int(os.environ.get("SENDVAE_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _private_torch_home(tmp_path_factory, monkeypatch):
+    """Tests never read or fill the user's torch hub cache (e.g. FID Inception weights found there)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+
+
 def tiny_train_args(out_dir, exp="run", steps=6, **overrides):
     """CLI arguments for a seconds-long train-vae run on 32 px shapes with the embedded teacher."""
     args = [

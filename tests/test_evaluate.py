@@ -133,6 +133,33 @@ def test_inception_metrics(tmp_path, inception_weights, monkeypatch):
     assert out["precision"] == 1.0 and out["recall"] == 1.0  # a set lies in its own manifold
 
 
+def test_inception_weights_download_only_when_allowed(tmp_path, inception_weights, monkeypatch, capsys):
+    from sendvae.metrics import inception
+
+    monkeypatch.setattr(adm, "frechet_distance", _cheap_fd)
+    calls = []
+
+    def fake_download(url, dst, progress=True):
+        calls.append(url)
+        if len(calls) > 1:
+            raise OSError("network is unreachable")
+        torch.save(torch.load(inception_weights, weights_only=True), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert _make_ref(tmp_path / "a.npz", n=4) == 0  # not allowed: no download, teacher FD only
+    assert calls == [] and sorted(np.load(tmp_path / "a.npz").files) == ["arr_0"]
+    assert _make_ref(tmp_path / "b.npz", n=4, extra=["--allow-download"]) == 0
+    assert calls == [inception.WEIGHTS_URL] and inception.cached_weights_path().is_file()
+    assert "mu" in np.load(tmp_path / "b.npz").files
+    assert _make_ref(tmp_path / "c.npz", n=4) == 0  # later runs use the cached file, no new download
+    assert len(calls) == 1 and "mu" in np.load(tmp_path / "c.npz").files
+    inception.cached_weights_path().unlink()
+    capsys.readouterr()
+    assert _make_ref(tmp_path / "d.npz", n=4, extra=["--allow-download"]) == 2  # offline: a clear error
+    err = capsys.readouterr().err
+    assert "could not download the FID Inception weights" in err and "--inception-weights PATH" in err
+
+
 def test_recon_writes_json(tmp_path):
     out = tmp_path / "recon.json"
     argv = ["--recon", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32", "--num-images", "8"]

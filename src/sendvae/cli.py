@@ -45,7 +45,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input: printed as one clear line, not a traceback."""
     from .teachers.base import TeacherWeightsError
 
-    return (ValueError, FileNotFoundError, FloatingPointError, TeacherWeightsError)
+    return (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, TeacherWeightsError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reported instead of FID",
     )
     p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="without --inception-weights, download them once into torch's hub cache (later runs use it)",
+    )
+    p.add_argument(
         "--feature-teacher",
         choices=tuple(TEACHERS),
         default=DEFAULT_TEACHER,
@@ -78,9 +83,24 @@ def _fid_note() -> str:
 
     return (
         f"FID, sFID, IS and precision/recall need the FID Inception weights {WEIGHTS_FILE} "
-        f"({WEIGHTS_URL}); pass --inception-weights PATH. Reported instead: the Frechet distance in "
-        "teacher features, which is not FID."
+        f"({WEIGHTS_URL}); pass --inception-weights PATH or --allow-download. Reported instead: the "
+        "Frechet distance in teacher features, which is not FID."
     )
+
+
+def _inception_weights(args: argparse.Namespace) -> str | None:
+    """--inception-weights, else the file in the hub cache, else a download if allowed, else None."""
+    from ..metrics.inception import cached_weights_path, download_weights
+
+    if args.inception_weights:
+        return args.inception_weights
+    cached = cached_weights_path()
+    if not cached.is_file() and args.allow_download:
+        download_weights(cached)
+    if cached.is_file():
+        print(f"FID Inception weights: {cached}", file=sys.stderr)
+        return str(cached)
+    return None
 
 
 def _feature_extractor(args: argparse.Namespace, resolution: int):
@@ -153,10 +173,11 @@ def evaluate_sample_batch(args: argparse.Namespace) -> dict[str, Any]:
     if args.ref is None:
         raise ValueError("evaluating samples needs a reference batch: pass --ref REF.npz (see --make-ref)")
     out: dict[str, Any] = {"samples": str(Path(args.samples).resolve()), "ref": str(Path(args.ref).resolve())}
-    if args.inception_weights:
+    weights = _inception_weights(args)
+    if weights:
         from ..metrics.inception import load_fid_inception
 
-        net = load_fid_inception(args.inception_weights, _device(args.device))
+        net = load_fid_inception(weights, _device(args.device))
         m = evaluate_samples(
             args.samples, args.ref, net, batch_size=args.batch_size, is_splits=args.is_splits
         )
@@ -190,10 +211,11 @@ def make_reference(args: argparse.Namespace) -> dict[str, Any]:
     if out.suffix != ".npz":
         raise ValueError(f"--make-ref must name an .npz file, got {out}")
     images = _images(_dataset(args), args.num_images)
-    if args.inception_weights:
+    weights = _inception_weights(args)
+    if weights:
         from ..metrics.inception import load_fid_inception
 
-        net = load_fid_inception(args.inception_weights, _device(args.device))
+        net = load_fid_inception(weights, _device(args.device))
         batch = compute_reference(images, net, batch_size=args.batch_size)
     else:
         batch = {"arr_0": images}
@@ -223,10 +245,11 @@ def evaluate_reconstructions(args: argparse.Namespace) -> dict[str, Any]:
     vae = load_vae(args.vae, config=args.vae_config).eval().requires_grad_(False)
     metrics = ReconMetrics(build_lpips().to(device))
 
-    if args.inception_weights:
+    weights = _inception_weights(args)
+    if weights:
         from ..metrics.inception import load_fid_inception
 
-        net = load_fid_inception(args.inception_weights, device)
+        net = load_fid_inception(weights, device)
         fd_name, fx = "rFID", None
     else:
         print(_fid_note(), file=sys.stderr)

@@ -1,8 +1,9 @@
 """The FID Inception-v3 (TF graph inception-2015-12-05) in PyTorch, as the ADM evaluator uses it.
 
 Weights: pt_inception-2015-12-05-6726825d.pth, the TF graph's constants ported to the torchvision
-Inception3 key layout (Conv2d_1a_3x3 ... Mixed_7c, fc with 1008 classes; no AuxLogits). The file is
-never downloaded here; the user passes its path (see WEIGHTS_URL).
+Inception3 key layout (Conv2d_1a_3x3 ... Mixed_7c, fc with 1008 classes; no AuxLogits). The user passes
+its path, or explicitly allows `download_weights` to fetch WEIGHTS_URL into torch's hub cache
+(`cached_weights_path`), which later runs then use; nothing is downloaded without that permission.
 
 The graph differs from torchvision's Inception3 in three places, all reproduced below:
 - the average pools inside the A, C and E blocks ignore the zero padding (count_include_pad=False);
@@ -213,6 +214,25 @@ class FIDInceptionV3(nn.Module):
         pool = x.mean(dim=(2, 3))  # pool_3: 8x8 average pool
         logits = pool @ self.fc.weight.T  # (N, 1008), no bias as in ADM's softmax graph
         return {"pool": pool, "spatial": spatial, "logits": logits}
+
+
+def cached_weights_path() -> Path:
+    """Where `download_weights` puts the file: $TORCH_HOME/hub/checkpoints/<WEIGHTS_FILE>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def download_weights(dest: str | Path | None = None) -> Path:
+    """Fetch WEIGHTS_URL to `dest` (default: the hub cache), atomically; a clear error when offline."""
+    dest = Path(dest) if dest is not None else cached_weights_path()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(WEIGHTS_URL, str(dest), progress=True)  # temp file + rename
+    except Exception as e:  # URLError, HTTPError, OSError, ...: all mean "not downloaded"
+        raise ConnectionError(
+            f"could not download the FID Inception weights from {WEIGHTS_URL} ({e}); fetch {WEIGHTS_FILE} "
+            "on a machine with internet and pass --inception-weights PATH"
+        ) from e
+    return dest
 
 
 def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInceptionV3:

@@ -96,6 +96,10 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "tiny-f8d4": VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
     # f4: a 64 px image -> 16x16x4 latent, the token grid of f16 at 256 px (the embedded example's VAE)
     "tiny-f4d4": VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+    # the same with 16 latent channels: room for appearance next to the aligned semantics, as d32 at f16
+    "tiny-f4d16": VAEConfig(
+        ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=16, embed_dim=16
+    ),
     "tiny-f16d32": VAEConfig(
         ch=16,
         ch_mult=(1, 1, 2, 2, 2),
