@@ -235,6 +235,15 @@ def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
     assert colour["accuracy"] > 2 * colour["chance"]
     scores = [res[k]["summary"]["top5_recall"] for k in ("tiny-f4d4", "other-vae", "pixels")]
     assert report["gfd"]["pearson_r"] == pytest.approx(pearson_r([9.0, 8.0, 12.5], scores)[0])
+    # the folder is compared with the baselines (random-init preset, pixels), group by group
+    assert res["tiny-f4d4"]["baseline"] and res["pixels"]["baseline"] and not res["other-vae"]["baseline"]
+    verdict = res["other-vae"]["beats_baselines"]
+    groups = [k[len("group:") :] for k in res["other-vae"]["summary"] if k.startswith("group:")]
+    assert list(verdict) == groups
+    for g, ok in verdict.items():
+        best = max(res[b]["summary"]["group:" + g] for b in ("tiny-f4d4", "pixels"))
+        assert ok == (res["other-vae"]["summary"]["group:" + g] > best)
+    assert "## Against the baselines (tiny-f4d4, pixels)" in (out / "probe.md").read_text()
     csv_rows = (out / "probe.csv").read_text().splitlines()
     assert csv_rows[0].startswith("model,group:shape") and len(csv_rows) == 4
 

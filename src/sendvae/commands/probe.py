@@ -207,6 +207,27 @@ def parse_gfd(items: list[str], labels: list[str]) -> dict[str, float]:
 # -- outputs ---------------------------------------------------------------------------------------------
 
 
+def compare_with_baselines(results: dict[str, dict]) -> dict[str, dict[str, bool]]:
+    """For each trained model, per attribute group: does it score above every baseline?
+
+    Baselines are the models marked `"baseline": True` (raw pixels, random-init presets). Returns
+    {model: {group: beats_all}}, empty without baselines or trained models.
+    """
+    base = [r for r in results.values() if r.get("baseline")]
+    if not base:
+        return {}
+    out = {}
+    for name, r in results.items():
+        if r.get("baseline"):
+            continue
+        groups = [k for k in r["summary"] if k.startswith("group:")]
+        out[name] = {
+            g[len("group:") :]: all(r["summary"][g] > b["summary"].get(g, float("-inf")) for b in base)
+            for g in groups
+        }
+    return out
+
+
 def write_tables(results: dict[str, dict], out: Path, meta: dict[str, Any]) -> list[str]:
     """probe.md, probe.csv (one row per model) and probe.json (everything). Returns the columns."""
     cols = list(dict.fromkeys(k for r in results.values() for k in r["summary"]))
@@ -217,13 +238,24 @@ def write_tables(results: dict[str, dict], out: Path, meta: dict[str, Any]) -> l
         w.writerows([[row[0], *(f"{v:.4f}" for v in row[1:])] for row in rows])
     md = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     md += ["| " + " | ".join([row[0], *(f"{v:.4f}" for v in row[1:])]) + " |" for row in rows]
-    notes = (
-        "\ngroup:* = mean test score of the group's probes (accuracy for categorical, R^2 for continuous, "
+    md += [
+        "",
+        "group:* = mean test score of the group's probes (accuracy for categorical, R^2 for continuous, "
         "micro F1 for multi-label). uniformity_gini: lower is more uniform. gmm_loglik_per_dim: higher is "
-        "more clustered (held-out, PCA-whitened).\n"
-    )
+        "more clustered (held-out, PCA-whitened).",
+    ]
+    verdict = compare_with_baselines(results)
+    if verdict:
+        names = ", ".join(k for k, r in results.items() if r.get("baseline"))
+        md += ["", f"## Against the baselines ({names})", "", "| model | beats every baseline on | not on |"]
+        md += ["|---|---|---|"]
+        for name, groups in verdict.items():
+            yes = ", ".join(g for g, ok in groups.items() if ok) or "-"
+            no = ", ".join(g for g, ok in groups.items() if not ok) or "-"
+            md.append(f"| {name} | {yes} | {no} |")
+            results[name]["beats_baselines"] = groups
     (out / "probe.md").write_text(
-        f"# sendvae probe: {meta['data']}, {meta['num_images']} images\n\n" + "\n".join(md) + "\n" + notes
+        f"# sendvae probe: {meta['data']}, {meta['num_images']} images\n\n" + "\n".join(md) + "\n"
     )
     (out / "probe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return cols
@@ -287,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..analysis.attributes import load_probe_data
     from ..data.latent_store import LatentStore
+    from ..models.vae import VAE_CONFIGS
     from ..models.vae_io import load_vae
 
     stores = {name: LatentStore(path) for name, path in map(split_source, args.latents)}
@@ -337,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
             found = analyse(feats, data, args.seed, args.pca_dim, bar, device)
         results[label] = {
             "source": str(src.root) if isinstance(src, LatentStore) else src,
+            "baseline": src == PIXELS or (isinstance(src, str) and src in VAE_CONFIGS),
             "feature_dim": feats.shape[1],
             **found,
         }
