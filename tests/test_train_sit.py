@@ -154,3 +154,16 @@ def test_online_teacher_trains_without_cached_features(tmp_path, stores):
     assert main(["train-sit", *args]) == 0
     row = read_stats(tmp_path / "run" / "stats.jsonl")[-1]
     assert "cos" in row and row["cos"] == row["cos"]
+
+
+def test_proxy_fd_is_logged_every_n_steps(tmp_path, stores, capsys):
+    # the store was cached with the random-init tiny-f4d4 preset: the same VAE decodes both sides
+    fd = {"eval.fd_every": 2, "eval.fd_samples": 6, "eval.fd_steps": 2}
+    args = _args(tmp_path, stores["repa"], steps=4, vae="tiny-f4d4", **fd)
+    assert main(["train-sit", *args]) == 0
+    rows = [r for r in read_stats(tmp_path / "run" / "stats.jsonl") if "FD_efficientnet-lite0" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 < r["FD_efficientnet-lite0"] < float("inf") for r in rows)
+    capsys.readouterr()
+    assert main(["train-sit", *_args(tmp_path, stores["repa"], exp="novae", **fd)]) == 2
+    assert "--eval.fd_every needs the VAE" in capsys.readouterr().err

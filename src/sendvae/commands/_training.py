@@ -62,8 +62,8 @@ def check_same_experiment(run_dir: Path, cfg: Any) -> None:
     old, new = json.loads(saved.read_text()), to_dict(cfg)
     diffs = []
     for section in new:
-        if section in ("run", "preset"):
-            continue  # logging/checkpoint cadence and device may change between runs
+        if section in ("run", "preset", "eval"):
+            continue  # logging/checkpoint/evaluation cadence and device may change between runs
         if old.get(section) != new[section]:
             o, n = old.get(section) or {}, new[section]
             keys = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k)) if isinstance(n, dict) else []

@@ -52,6 +52,9 @@ class TrainerBase:
     def save_grid(self) -> None:
         pass
 
+    def after_step(self) -> None:
+        """Called after every step's logging, checkpoint and grid (e.g. periodic evaluations)."""
+
     def extra_log(self, row: dict[str, Any], img_per_s: float) -> None:
         pass
 
@@ -145,6 +148,7 @@ class TrainerBase:
                 self.save()
             if run.sample_every and self.step % run.sample_every == 0:
                 self.save_grid()
+            self.after_step()
             if run.fault_exit_step == self.step:  # testing aid: die like a killed job
                 self.log.close()
                 os._exit(3)

@@ -151,6 +151,9 @@ class SiTTrainer(TrainerBase):
             self.vae = load_vae(cfg.model.vae, config=cfg.model.vae_config)
             self.store.check_vae(self.vae)
             self.vae = self.vae.to(dev).eval().requires_grad_(False)
+        if cfg.eval.fd_every and self.vae is None:
+            raise ValueError("--eval.fd_every needs the VAE that decodes the latents: pass --vae PATH")
+        self._proxy_fd = None  # built on first use, on the main process
         self.model = build_sit(cfg, self.store, feat[1] if self.repa else None).to(dev)
         self.model_cfg = self.model.config
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -272,6 +275,27 @@ class SiTTrainer(TrainerBase):
         out = self.run_dir / "samples" / f"sample-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(x.add(1).div(2).cpu(), out, nrow=n)
+
+    def after_step(self) -> None:
+        every = self.cfg.eval.fd_every
+        if every and self.step % every == 0 and self.dist.is_main:
+            self.log.stats(self.step, self.proxy_fd())
+
+    @torch.no_grad()
+    def proxy_fd(self) -> dict[str, float]:
+        """{FD_<teacher>: value} of the EMA model now (sendvae.train.sit_fd)."""
+        from .sit_fd import ProxyFD, ema_sampler
+
+        e = self.cfg.eval
+        if self._proxy_fd is None:
+            self._proxy_fd = ProxyFD(
+                self.store, self.vae, e.fd_samples, e.fd_teacher, e.fd_teacher_weights, self.device,
+                seed=self.cfg.run.seed,
+            )  # fmt: skip
+        sample = ema_sampler(self.ema, self.model_cfg.num_classes, e.fd_steps, e.fd_cfg_scale)
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        with amp:
+            return {self._proxy_fd.metric_name: self._proxy_fd(sample)}
 
     def train(self) -> None:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6

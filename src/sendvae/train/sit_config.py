@@ -64,6 +64,20 @@ class SiTOptimConfig:
 
 
 @dataclass
+class SiTEvalConfig:
+    fd_every: int = option(
+        0,
+        "steps between proxy FD evaluations: FD_<teacher> of EMA samples vs the VAE's decodings of store "
+        "latents, in stats.jsonl (0 = off; needs --vae)",
+    )
+    fd_samples: int = option(1000, "samples (and reference latents) per proxy FD")
+    fd_teacher: str = option("efficientnet-lite0", "teacher whose pooled features give the proxy FD")
+    fd_teacher_weights: str | None = option(None, "weights file/folder of --eval.fd_teacher")
+    fd_steps: int = option(32, "Euler ODE steps of the proxy FD samples")
+    fd_cfg_scale: float = option(1.0, "guidance scale of the proxy FD samples")
+
+
+@dataclass
 class TrainSiTConfig:
     preset: str = option("custom", "name of the preset this config started from")
     run: RunConfig = option(RunConfig(), "run")
@@ -71,6 +85,7 @@ class TrainSiTConfig:
     model: SiTModelConfig = option(SiTModelConfig(), "model")
     transport: TransportConfig = option(TransportConfig(), "transport")
     optim: SiTOptimConfig = option(SiTOptimConfig(), "optim")
+    eval: SiTEvalConfig = option(SiTEvalConfig(), "eval")
 
 
 PRESETS = PresetRegistry("train-sit")
