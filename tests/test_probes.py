@@ -14,7 +14,7 @@ from sendvae.analysis.attributes import (
     read_celeba_attributes,
     read_deepfashion_attributes,
 )
-from sendvae.analysis.measures import gini, gmm_discrimination, kde_uniformity, pearson_r
+from sendvae.analysis.measures import cknna, gini, gmm_discrimination, kde_uniformity, pearson_r
 from sendvae.analysis.probes import (
     f1_scores,
     fit_logistic,
@@ -85,6 +85,18 @@ def test_gmm_discrimination_prefers_clusters():
     a, b = gmm_discrimination(clusters, 4, dim=6), gmm_discrimination(blob, 4, dim=6)
     assert a["gmm_loglik_per_dim"] > b["gmm_loglik_per_dim"] + 0.3
     assert a["gmm_bic_per_sample"] < b["gmm_bic_per_sample"]
+
+
+def test_cknna_properties():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 12))
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    assert cknna(a, a) == pytest.approx(1.0)
+    assert cknna(a, 3.0 * a @ q) == pytest.approx(1.0)  # rotation and scale do not change the geometry
+    near, far = cknna(a, a + 0.5 * rng.normal(size=a.shape)), cknna(a, rng.normal(size=a.shape))
+    assert abs(far) < 0.1 < near < 1.0
+    with pytest.raises(ValueError, match="same images"):
+        cknna(a, a[:10])
 
 
 def test_pearson_hand_value():
@@ -210,6 +222,7 @@ def test_attribute_files_bad_input(tmp_path):
 # -- the command -----------------------------------------------------------------------------------------
 
 ARGS = ["--data", "shapes", "--num-images", "600", "--resolution", "32", "--pixel-size", "8", "--no-progress"]
+ARGS += ["--teacher", "none"]  # CKNNA with the embedded teacher: test_probe_from_latent_stores
 
 
 def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
@@ -295,9 +308,10 @@ def test_probe_from_latent_stores(tmp_path, capsys):
     res = json.loads((out / "probe.json").read_text())["results"]
     assert res["store"]["feature_dim"] == res["vae"]["feature_dim"] == 4 * 8 * 8
     for k, v in res["vae"]["summary"].items():
-        if not k.startswith(("gmm", "uniformity")):
+        if not k.startswith(("gmm", "uniformity", "cknna")):
             assert res["store"]["summary"][k] == pytest.approx(v, abs=1e-3), k
     assert "group:colour" in res["store"]["summary"]
+    assert all(-1 <= r["summary"]["cknna_efficientnet-lite0"] <= 1 for r in res.values())
 
     # a store of other images: class labels only, and no images for --vae
     for c in ("cat", "dog"):

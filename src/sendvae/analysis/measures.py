@@ -1,4 +1,5 @@
-"""Latent-space measures beyond probes: uniformity (VA-VAE), discrimination (MAETok), Pearson r.
+"""Latent-space measures beyond probes: uniformity (VA-VAE), discrimination (MAETok), alignment with a
+teacher (CKNNA), Pearson r.
 
 Both measures work on a PCA-reduced latent: the flattened latents (N, D) are projected on their top
 `dim` principal components and whitened (each component scaled to unit variance), so the numbers are
@@ -12,6 +13,9 @@ discrimination  held-out fit of a Gaussian mixture with K = number of classes (M
               (full covariances) is fitted on a seeded half of the latents and scored on the other half
               as mean log-likelihood per sample and per dimension, in nats. Higher means the latents fall
               into compact clusters; the fit's BIC per sample on the held-out half is reported too.
+alignment     CKNNA (Huh et al. 2024, as REPA reports it) between the flattened latents and a teacher's
+              pooled features of the same images: kernel alignment (unbiased HSIC) restricted to pairs
+              that are among each other's k nearest neighbours in both spaces; 1 for the same geometry.
 """
 
 from __future__ import annotations
@@ -67,6 +71,52 @@ def gmm_discrimination(z: np.ndarray, num_components: int, dim: int = 8, seed: i
     gmm.fit(fit)
     ll = float(gmm.score(held))  # mean log-likelihood per held-out sample
     return {"gmm_loglik_per_dim": ll / p.shape[1], "gmm_bic_per_sample": float(gmm.bic(held)) / len(held)}
+
+
+def _hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
+    """Unbiased HSIC estimator (Song et al. 2012) of two (m, m) kernel matrices; diagonals are ignored.
+
+    [tr(K L) + 1'K1 1'L1 / ((m-1)(m-2)) - 2/(m-2) 1'K L 1] / (m (m-3)) with zeroed diagonals; tr(K L) is
+    taken as sum(K * L^T), which stays right for the non-symmetric masked kernels of CKNNA.
+    """
+    m = k.shape[0]
+    k, l = k.copy(), l.copy()
+    np.fill_diagonal(k, 0.0)
+    np.fill_diagonal(l, 0.0)
+    value = (k * l.T).sum() + k.sum() * l.sum() / ((m - 1) * (m - 2)) - 2.0 * (k @ l).sum() / (m - 2)
+    return float(value / (m * (m - 3)))
+
+
+def _knn_mask(kernel: np.ndarray, k: int) -> np.ndarray:
+    """(m, m) 0/1: row i marks the k most similar other points of i (ties broken by index)."""
+    sim = kernel.copy()
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (m, k)
+    mask = np.zeros_like(kernel)
+    np.put_along_axis(mask, top, 1.0, axis=1)
+    return mask
+
+
+def cknna(a: np.ndarray, b: np.ndarray, topk: int = 10) -> float:
+    """CKNNA of two feature sets of the same m images, a (m, ...) and b (m, ...).
+
+    Rows are flattened and L2-normalised, kernels are K = a a^T and L = b b^T, and with M = (k-NN mask of K)
+    * (k-NN mask of L):  CKNNA = HSIC(M K, M L) / sqrt(HSIC(M_K K, M_K K) HSIC(M_L L, M_L L)).
+    """
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    if len(a) != len(b):
+        raise ValueError(f"cknna needs features of the same images, got {len(a)} and {len(b)} rows")
+    if not 2 <= topk < len(a) - 1 or len(a) < 4:
+        raise ValueError(f"cknna needs 2 <= topk < m - 1 and m >= 4, got topk={topk}, m={len(a)}")
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    k, l = a @ a.T, b @ b.T
+    mk, ml = _knn_mask(k, topk), _knn_mask(l, topk)
+    both = mk * ml
+    num = _hsic_unbiased(both * k, both * l)
+    den = np.sqrt(_hsic_unbiased(mk * k, mk * k) * _hsic_unbiased(ml * l, ml * l))
+    return float(num / den) if den > 0 else 0.0
 
 
 def pearson_r(x, y) -> tuple[float, float]:

@@ -33,6 +33,7 @@ NAME = "probe"
 HELP = "linear attribute probes, semantic gap, uniformity and discrimination of VAE latents"
 DATASETS = ("shapes", "fashion-mnist", "celeba", "awa2", "deepfashion")
 PIXELS = "pixels"
+CKNNA_IMAGES = 2000  # CKNNA uses m x m kernels: the first 2000 probe images
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="splits, subsets, PCA, mixtures (default: %(default)s)"
     )
     p.add_argument("--pca-dim", type=int, default=8, help="PCA dims for uniformity/discrimination")
+    p.add_argument(
+        "--teacher",
+        default="efficientnet-lite0",
+        help="teacher for the CKNNA alignment measure, or 'none' (default: the embedded %(default)s)",
+    )
+    p.add_argument("--teacher-weights", help="weights file/folder of --teacher (see `sendvae info`)")
     p.add_argument("--gfd", action="append", default=[], help="MODEL=VALUE: a model's gFID, for the scatter")
     p.add_argument(
         "--score", default="top5_recall", help="table column plotted against gFD (default: %(default)s)"
@@ -158,16 +165,33 @@ def store_probe_data(stores: list, num_images: int):
     return ProbeData(info["name"], None, np.arange(n), tasks, labels, k, tuple(info.get("classes") or ()))
 
 
+def teacher_features(
+    data, name: str, weights: str | None, resolution: int, batch_size: int, device
+) -> np.ndarray:
+    """(n, D) pooled teacher features of the first CKNNA_IMAGES probe images."""
+    from ..metrics.features import FeatureExtractor
+
+    fx = FeatureExtractor(name, weights, resolution=resolution, device=device, batch_size=batch_size)
+    idx = data.indices[:CKNNA_IMAGES]
+    return np.concatenate([fx.features(x).cpu().numpy() for x in _batches(data.dataset, idx, batch_size)])
+
+
 # -- analysis --------------------------------------------------------------------------------------------
 
 
 def analyse(
-    feats: np.ndarray, data, seed: int, pca_dim: int, bar=None, device: str | torch.device = "cpu"
+    feats: np.ndarray,
+    data,
+    seed: int,
+    pca_dim: int,
+    bar=None,
+    device: str | torch.device = "cpu",
+    teacher: tuple[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Every probe and measure of one model's (N, D) features: {"tasks": {...}, "summary": {...}}.
 
     The probes are fitted on `device`; the uniformity and discrimination measures on the CPU."""
-    from ..analysis.measures import gmm_discrimination, kde_uniformity
+    from ..analysis.measures import cknna, gmm_discrimination, kde_uniformity
     from ..analysis.probes import PRIMARY_METRIC, make_split, run_probe, standardize
 
     split = make_split(len(feats), seed)
@@ -186,6 +210,9 @@ def analyse(
         summary["class_accuracy"] = run_probe("categorical", x, data.classes, split)["accuracy"]
         summary.update(gmm_discrimination(feats, data.num_classes, pca_dim, seed))
     summary["uniformity_gini"] = kde_uniformity(feats, pca_dim, seed)
+    if teacher is not None:
+        name, tf = teacher
+        summary[f"cknna_{name}"] = cknna(feats[: len(tf)], tf)
     return {"tasks": tasks, "summary": summary}
 
 
@@ -350,6 +377,10 @@ def run(args: argparse.Namespace) -> int:
         data = load_probe_data(args.data, args.data_root, args.num_images, args.resolution, args.seed)
         resolution = args.resolution
     n = len(data.indices)
+    teacher = None
+    if args.teacher != "none" and data.dataset is not None and n >= 16:
+        tf = teacher_features(data, args.teacher, args.teacher_weights, resolution, args.batch_size, device)
+        teacher = (args.teacher, tf)
     print(
         f"probe: {len(sources)} model(s) on {n} {data.name} images at {resolution} px, {device}", flush=True
     )
@@ -367,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
                 model = load_vae(src, config=args.vae_config).to(device).eval().requires_grad_(False)
             feats = extract_features(model, data, args.batch_size, device, args.pixel_size, bar)
         with threadpool_limits(args.threads):  # the same thread count gives the same numbers
-            found = analyse(feats, data, args.seed, args.pca_dim, bar, device)
+            found = analyse(feats, data, args.seed, args.pca_dim, bar, device, teacher)
         results[label] = {
             "source": str(src.root) if isinstance(src, LatentStore) else src,
             "baseline": src == PIXELS or (isinstance(src, str) and src in VAE_CONFIGS),
