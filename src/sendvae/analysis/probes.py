@@ -120,7 +120,7 @@ def fit_logistic(
     c: float,
     num_outputs: int,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 200,
+    max_iter: int = 100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-regularised logistic regression by full-batch L-BFGS -> (W (D, K), b (K,)).
 
@@ -202,11 +202,16 @@ def probe_multilabel(
     """
     y = np.asarray(y, bool)
     tr, _, _ = _index(split, x)
-    xt, yt = x[tr], torch.as_tensor(y[split.train], dtype=x.dtype, device=x.device)
+    rate = y[split.train].mean(0)  # (A,)
+    fitted = np.flatnonzero((rate > 0) & (rate < 1))  # a constant column would drive b to +-inf
+    xt = x[tr]
+    yt = torch.as_tensor(y[split.train][:, fitted], dtype=x.dtype, device=x.device)
     best, fit = None, None
     for c in sorted(grid):  # increasing C (weaker L2): each fit starts from the last one's solution
-        fit = fit_logistic(xt, yt, c, y.shape[1], init=fit)
-        p = torch.sigmoid(torch.addmm(fit[1], x, fit[0])).cpu().numpy()  # (N, A)
+        p = np.tile(rate, (len(x), 1))  # (N, A): constant columns predict their train rate
+        if len(fitted):
+            fit = fit_logistic(xt, yt, c, len(fitted), init=fit)
+            p[:, fitted] = torch.sigmoid(torch.addmm(fit[1], x, fit[0])).cpu().numpy()
         val = f1_scores(y[split.val], p[split.val] >= 0.5)[0]
         if best is None or val > best[0]:
             best = (val, c, p)
