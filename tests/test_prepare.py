@@ -118,7 +118,7 @@ def test_killed_run_resumes_without_redoing_shards(tmp_path):
     out = tmp_path / "out"
     code = (
         "import sys; from sendvae.data.prepared import prepare_dataset; "
-        f"prepare_dataset(sys.argv[1], sys.argv[2], resolution={RES}, shard_size=2, num_workers=2, "
+        f"prepare_dataset(sys.argv[1], sys.argv[2], resolution={RES}, shard_size=2, num_workers=0, "
         "progress=False)"
     )
     env = {**os.environ, STOP_AFTER_ENV: "3"}
