@@ -45,7 +45,7 @@ def bench_probe(
 ) -> dict:
     """Seconds to standardise, probe every shapes target and compute the measures for N latents."""
     from ..analysis.attributes import shapes_data
-    from ..analysis.measures import gmm_discrimination, kde_uniformity
+    from ..analysis.measures import latent_measures
     from ..analysis.probes import make_split, run_probe, standardize
     from ..models.vae import VAE_CONFIGS
 
@@ -58,14 +58,14 @@ def bench_probe(
     t0 = time.perf_counter()
     split = make_split(len(feats), seed)
     x = standardize(feats, split.train, device)
+    cache: dict = {}
     for t in [*data.tasks, *([] if data.num_classes < 2 else [_class_task(data)])]:
         t1 = time.perf_counter()
-        run_probe(t.kind, x, t.target, split)
+        run_probe(t.kind, x, t.target, split, cache)
         sync(device)
         seconds[t.kind] = seconds.get(t.kind, 0.0) + time.perf_counter() - t1
     t1 = time.perf_counter()
-    kde_uniformity(feats, pca_dim, seed)
-    gmm_discrimination(feats, data.num_classes, pca_dim, seed)
+    latent_measures(feats, data.num_classes, pca_dim, seed)
     seconds["measures"] = time.perf_counter() - t1
     total = time.perf_counter() - t0
     return {

@@ -191,14 +191,14 @@ def analyse(
     """Every probe and measure of one model's (N, D) features: {"tasks": {...}, "summary": {...}}.
 
     The probes are fitted on `device`; the uniformity and discrimination measures on the CPU."""
-    from ..analysis.measures import cknna, gmm_discrimination, kde_uniformity
+    from ..analysis.measures import cknna, latent_measures
     from ..analysis.probes import PRIMARY_METRIC, make_split, run_probe, standardize
 
     split = make_split(len(feats), seed)
     x = standardize(feats, split.train, device)
-    tasks, groups = {}, {}
+    tasks, groups, cache = {}, {}, {}
     for t in data.tasks:
-        tasks[t.name] = {"kind": t.kind, "group": t.group, **run_probe(t.kind, x, t.target, split)}
+        tasks[t.name] = {"kind": t.kind, "group": t.group, **run_probe(t.kind, x, t.target, split, cache)}
         groups.setdefault(t.group, []).append(tasks[t.name][PRIMARY_METRIC[t.kind]])
         if bar is not None:
             bar.update(1)
@@ -208,8 +208,7 @@ def analyse(
         summary.update({k: ml[k] for k in ("f1_micro", "f1_macro", "top5_recall")})
     if data.num_classes > 1:
         summary["class_accuracy"] = run_probe("categorical", x, data.classes, split)["accuracy"]
-        summary.update(gmm_discrimination(feats, data.num_classes, pca_dim, seed))
-    summary["uniformity_gini"] = kde_uniformity(feats, pca_dim, seed)
+    summary.update(latent_measures(feats, data.num_classes, pca_dim, seed))
     if teacher is not None:
         name, tf = teacher
         summary[f"cknna_{name}"] = cknna(feats[: len(tf)], tf)
