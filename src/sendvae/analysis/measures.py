@@ -50,11 +50,11 @@ def pca_reduce(z: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
     from sklearn.decomposition import PCA
 
     z = np.asarray(z).reshape(len(z), -1)
-    if z.dtype not in (np.float32, np.float64) or z.size <= 2**24:
+    small = z.size <= 2**24
+    if small or z.dtype not in (np.float32, np.float64):
         z = z.astype(np.float64)
     k = max(1, min(dim, len(z) - 1, z.shape[1]))
-    solver = "full" if z.size <= 2**24 else "randomized"
-    pca = PCA(n_components=k, whiten=True, svd_solver=solver, random_state=seed)
+    pca = PCA(n_components=k, whiten=True, svd_solver="full" if small else "randomized", random_state=seed)
     return pca.fit_transform(z).astype(np.float64)
 
 
