@@ -69,6 +69,7 @@ def test_load_from_wrapped_checkpoints(tmp_path, wrap):
     torch.save(wrap(src.state_dict()), path)
     d = load_discriminator(path)
     assert (d.ndf, d.n_layers, d.input_nc, d.use_actnorm) == (16, 2, 3, False)
+    assert not d.training  # every loader returns an eval-mode model
     assert all(torch.equal(v, d.state_dict()[k]) for k, v in src.state_dict().items())
 
 

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from sendvae import cli
 from sendvae.commands import prepare as prepare_cmd
 from sendvae.data.imagefolder import ImageFolderDataset
 from sendvae.data.prepared import STOP_AFTER_ENV, PreparedDataset, prepare_dataset
+from tests.test_imagefolder import LOOP_LAYOUTS, finish_within, make_loop_folder, skipped_link_warnings
 
 RES = 32
 
@@ -205,6 +207,40 @@ def test_source_errors(tmp_path):
     (tmp_path / "bad" / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="none of the 1 images"):
         prepare_dataset(tmp_path / "bad", tmp_path / "out2", resolution=RES, num_workers=0, progress=False)
+
+
+@pytest.mark.parametrize("layout", sorted(LOOP_LAYOUTS))
+def test_symlink_loops_are_prepared_once(tmp_path, caplog, layout):
+    make_loop_folder(tmp_path / "src", layout)
+    run = lambda: prepare_dataset(
+        tmp_path / "src", tmp_path / "out", resolution=RES, num_workers=0, progress=False
+    )
+    rep = finish_within(5.0, run)
+    assert (
+        rep.num_items == rep.ok == 3 and rep.num_skipped == 0 and len(PreparedDataset(tmp_path / "out")) == 3
+    )
+    (warning,) = skipped_link_warnings(caplog)
+    assert all(f"{link} (same folder as" in warning for link in LOOP_LAYOUTS[layout][0])
+
+
+def test_cli_bad_paths_are_one_line(tmp_path, capsys):
+    """Exit 2 and one `sendvae prepare: error: ...` line naming the problem, never a traceback."""
+    src = _good_folder(tmp_path / "src", per_class=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "file").write_text("x")
+    cases = {
+        (src, tmp_path / "file"): "is an existing file, not a folder; pass a new folder as OUT",
+        (src, tmp_path / "file" / "out"): "cannot create the output folder",
+        (tmp_path / "nope", tmp_path / "o1"): "nope does not exist",
+        (tmp_path / "file", tmp_path / "o2"): "is a file, not a folder",
+        (tmp_path / "empty", tmp_path / "o3"): "no images found",
+    }
+    for (a, b), expected in cases.items():
+        assert cli.main(["prepare", str(a), str(b), "--workers", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sendvae prepare: error: ") and expected in err, err
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "o1").exists()
 
 
 class _TinyDataset(torch.utils.data.Dataset):

@@ -1,7 +1,5 @@
 import os
-import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -32,15 +30,12 @@ def test_checkpoint_rotation_and_latest(tmp_path):
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 30
 
 
-def test_rng_state_roundtrip_through_safe_loader(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached gauss value in python's state
-    state = ckpt.get_rng_state()
-    ckpt.atomic_torch_save({"rng": state}, tmp_path / "r.pt")
-    a = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
-    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "r.pt")["rng"])  # weights_only=True load
-    b = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
-    assert a == b
+def test_step_seed_is_a_function_of_seed_step_rank():
+    from sendvae.train.common import step_seed
+
+    seeds = {step_seed(s, t, r) for s in range(3) for t in range(50) for r in range(4)}
+    assert len(seeds) == 3 * 50 * 4  # distinct streams
+    assert step_seed(1, 2, 3) == step_seed(1, 2, 3) and 0 <= step_seed(1, 2, 3) < 2**63
 
 
 def test_sampler_is_a_function_of_step_and_splits_across_ranks():

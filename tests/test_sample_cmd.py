@@ -141,3 +141,32 @@ def test_nan_samples_name_their_indices(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cmd, "sample", poisoned)
     with pytest.raises(FloatingPointError, match=r"indices \[5\]"):
         cmd.main([*_args(run_dir, tmp_path), "--traceback"])
+
+
+def test_original_sit_checkpoint_samples_like_sits_own_sampler(tmp_path):
+    """`sendvae sample --model SiT-XL-2-256x256.pt` (Ma et al.'s layout: t = 0 noise, learn_sigma; here tiny
+    and random) gives the images of SiT's Euler sampler on the raw checkpoint, decoded by the same VAE."""
+    from sendvae.data.transforms import to_uint8
+    from sendvae.models.vae_io import load_vae
+    from tests.test_sit import per_seed_noise, sit_euler, sit_state_dict
+
+    sd = sit_state_dict(c=4, p=2, d=128, depth=2, heads=2, mlp=512, classes=5, grid=4, seed=7)
+    path = tmp_path / "SiT-XL-2-256x256.pt"
+    torch.save(sd, path)  # the released file is a bare state dict
+    out = tmp_path / "out"
+    args = ["--model", str(path), "--vae", "tiny-f4d4", "--num-samples", "6", "--batch-size", "4", "--seed",
+            "3", "--steps", "6", "--output", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    (npz,) = out.glob("*.npz")
+    with np.load(npz) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert labels.tolist() == make_labels(6, 5, 3, "random").tolist()
+    with torch.no_grad():
+        latents = sit_euler(sd, per_seed_noise(range(3, 9), (4, 8, 8)), torch.from_numpy(labels), 6, 2, 2)
+        torch.manual_seed(0)  # the command's preset VAE: the same random weights
+        vae = load_vae("tiny-f4d4")
+        assert not vae.training and not load_vae(vae.save_pretrained(tmp_path / "vae")).training
+        mean, std = (t.view(1, -1, 1, 1) for t in (vae.latent_mean, vae.latent_std))
+        expected = to_uint8(vae.decode(latents * std + mean).float().clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
+    assert images.std() > 1 and expected.std() > 1
+    assert np.abs(images.astype(int) - expected).max() <= 1  # uint8 rounding

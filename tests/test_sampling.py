@@ -1,11 +1,13 @@
-"""Samplers: per-image seeds, classifier-free guidance and its interval, and ODE/SDE on an analytic flow."""
+"""Samplers: per-image seeds, classifier-free guidance and its interval, ODE/SDE on an analytic flow, REPA's
+published samplers, and eval mode whatever the caller left."""
 
 import pytest
 import torch
 from torch import nn
 
-from sendvae.diffusion.sampling import SamplerConfig, euler_sample, sample, score_from_velocity
+from sendvae.diffusion.sampling import NOISE_BLOCK, SamplerConfig, euler_sample, sample, score_from_velocity
 from sendvae.models.sit import SiT, SiTConfig
+from sendvae.models.sit_io import load_sit
 
 
 def tiny_sit(num_classes: int = 5) -> SiT:
@@ -113,6 +115,119 @@ def test_guidance_only_inside_interval(low, high):
     # the unconditional half is run exactly at the times inside the interval
     assert [nulls > 0 for _, nulls in model.batches] == inside
     assert any(inside) and (not all(inside) or (low, high) == (0.0, 1.0))
+
+
+class NoiseStreams:
+    """Our per-image noise layout, written out: image i's generator (seed i) draws its starting noise, then
+    its SDE noise in blocks of NOISE_BLOCK steps. (REPA draws torch.randn_like for the whole batch.)"""
+
+    def __init__(self, seeds, shape):
+        self.gens, self.shape = [torch.Generator().manual_seed(s) for s in seeds], shape
+
+    def _draw(self, *lead):
+        return torch.stack([torch.randn((*lead, *self.shape), generator=g) for g in self.gens])
+
+    def initial(self):
+        return self._draw()
+
+    def step(self, k):
+        if k % NOISE_BLOCK == 0:
+            self.block = self._draw(NOISE_BLOCK)
+        return self.block[:, k % NOISE_BLOCK]
+
+
+def repa_sampler(model, noise, sde_noise, y, null_class, steps, mode, heun, cfg_scale, low, high):
+    """REPA's euler_sampler (ODE, optionally Heun) and euler_maruyama_sampler (SDE) from samplers.py, written
+    from the published algorithm: x in float64, the model fed float32. A step's guidance is decided once,
+    by its start time t_cur in [low, high], and holds for Heun's corrector evaluated at t_next too.
+
+    ODE: linspace(1, 0, steps + 1), x <- x + dt d, Heun x <- x + dt (d + d') / 2 except on the last step.
+    SDE: linspace(1, 0.04, steps) then 0; drift d = v - w/2 s with w = 2 t and the linear path's score
+    s = ((t - 1) v - x) / t, guided on the drift; x <- x + d dt + sqrt(w) sqrt(|dt|) eps, the last step
+    (0.04 -> 0) without noise. `sde_noise(k)` is step k's eps.
+    """
+
+    def drift(x, t, guided, sde):
+        xs, ys = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])) if guided else (x, y)
+        v = model(xs.float(), torch.full((xs.shape[0],), float(t)), ys).double()
+        d = v - 0.5 * (2 * t) * (((t - 1) * v - xs) / t) if sde else v
+        if guided:
+            d_c, d_u = d.chunk(2)
+            d = d_u + cfg_scale * (d_c - d_u)
+        return d
+
+    x = noise.double()
+    if mode == "ode":
+        ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    else:
+        ts = torch.cat(
+            [torch.linspace(1, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+        )
+    for i in range(steps):
+        t_cur, t_next = ts[i], ts[i + 1]
+        dt = t_next - t_cur
+        guided = cfg_scale > 1.0 and low <= t_cur <= high
+        d = drift(x, t_cur, guided, mode == "sde")
+        x_next = x + dt * d
+        if mode == "ode" and heun and i < steps - 1:
+            d_prime = drift(x_next, t_next, guided, False)  # guided as the step's start decided
+            x_next = x + dt * (0.5 * d + 0.5 * d_prime)
+        if mode == "sde" and i < steps - 1:
+            x_next = x_next + torch.sqrt(2 * t_cur) * sde_noise(i).double() * torch.sqrt(dt.abs())
+        x = x_next
+    return x.float()
+
+
+@pytest.mark.parametrize(
+    "mode,method,steps,low,high",
+    [
+        ("ode", "euler", 8, 0.0, 0.7),
+        ("ode", "heun", 8, 0.0, 0.7),  # the step 0.75 -> 0.625 starts outside and ends inside
+        ("ode", "heun", 8, 0.3, 1.0),  # the step 0.375 -> 0.25 starts inside and ends outside
+        ("ode", "heun", 8, 0.0, 1.0),
+        ("sde", "euler", 40, 0.0, 0.7),  # 40 steps cross a noise block
+    ],
+)
+def test_matches_repa_samplers_with_guidance_interval(mode, method, steps, low, high):
+    model = tiny_sit()
+    labels, seeds = torch.tensor([0, 1, 2, 4]), [21, 22, 23, 24]
+    cfg = SamplerConfig(
+        mode=mode, method=method, steps=steps, cfg_scale=4.0, guidance_low=low, guidance_high=high
+    )
+    ours = sample(model, labels, seeds, cfg)
+    streams = NoiseStreams(seeds, (4, 8, 8))
+    x1 = streams.initial()
+    with torch.no_grad():
+        ref = repa_sampler(model, x1, streams.step, labels, 5, steps, mode, method == "heun", 4.0, low, high)
+    assert (ref - x1).abs().mean() > 0.1  # the walk went somewhere
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)  # fp32 against REPA's float64 walk
+
+
+def test_sampling_is_in_eval_mode_whatever_the_caller_left(tmp_path):
+    model = tiny_sit()  # class_dropout_prob 0.1: in training mode labels drop to the null class at random
+    loaded = load_sit(model.save_pretrained(tmp_path / "sit"))
+    assert not loaded.training
+    labels, seeds = torch.arange(32) % 5, list(range(32))
+    cfg = SamplerConfig(steps=4, cfg_scale=2.0)
+    first = sample(loaded, labels, seeds, cfg)
+    assert torch.equal(sample(loaded, labels, seeds, cfg), first)
+    # the check can fail: in training mode the forward itself drops labels
+    x, t = torch.randn(32, 4, 8, 8), torch.full((32,), 0.5)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dropped = loaded.train()(x, t, labels)
+        assert (dropped - loaded.eval()(x, t, labels)).abs().amax() > 1e-3
+    # a model left in training mode (here a mixed one) samples the same and gets its own modes back
+    loaded.train()
+    loaded.blocks[0].eval()
+    modes = [m.training for m in loaded.modules()]
+    assert torch.equal(sample(loaded, labels, seeds, cfg), first)
+    assert [m.training for m in loaded.modules()] == modes
+    noise = NoiseStreams(seeds, (4, 8, 8)).initial()
+    trained = euler_sample(loaded, noise, labels, 5, steps=4, cfg_scale=2.0)
+    assert [m.training for m in loaded.modules()] == modes
+    torch.testing.assert_close(trained, euler_sample(loaded.eval(), noise, labels, 5, steps=4, cfg_scale=2.0))
+    torch.testing.assert_close(trained, first, atol=1e-5, rtol=1e-5)
 
 
 def test_score_from_velocity_is_exact_for_gaussians():

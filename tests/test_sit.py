@@ -1,4 +1,5 @@
 import argparse
+import logging
 import math
 
 import numpy as np
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from sendvae.diffusion.sampling import SamplerConfig, sample
 from sendvae.models.sit import SIT_MODELS, SiT, SiTConfig, flops_per_image, sit_config
-from sendvae.models.sit_io import infer_sit_config, load_sit
+from sendvae.models.sit_io import infer_sit_config, infer_time_convention, load_sit
 from sendvae.models.vae_io import CheckpointMismatchError
 
 
@@ -276,8 +278,8 @@ def ref_forward(sd, x, t, y, heads, p, encoder_depth, qk_norm):
                 feats.append(lin(z, f"projectors.{kk}.4"))
     shift, scale = lin(F.silu(cond), "final_layer.adaLN_modulation.1").chunk(2, 1)
     out = lin(mod(ln(h), shift, scale), "final_layer.linear")
-    gh = hh // p
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(b, gh, gh, p, p, c)).reshape(b, c, hh, ww)
+    gh, c_out = hh // p, out.shape[-1] // (p * p)  # c_out = 2C with learn_sigma
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(b, gh, gh, p, p, c_out)).reshape(b, c_out, hh, ww)
     return out, feats
 
 
@@ -293,20 +295,167 @@ def test_repa_checkpoint_matches_reference(tmp_path, qk_norm):
         {"model": {"module." + k: v for k, v in raw.items()}, "ema": ema, "args": args, "steps": 10}, path
     )
 
-    model = load_sit(path).eval()
+    model = load_sit(path)
     cfg = model.config
+    assert not model.training and not load_sit(path, weights="model").training
     assert infer_sit_config(ema, vars(args)) == cfg
     assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.input_size) == (128, 3, 2, 2, 8)
     assert (cfg.num_classes, cfg.z_dims, cfg.encoder_depth, cfg.qk_norm) == (10, (48, 32), 2, qk_norm)
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([0, 9, 10])
     with torch.no_grad():
-        for sd, m in ((ema, model), (raw, load_sit(path, weights="model").eval())):
+        for sd, m in ((ema, model), (raw, load_sit(path, weights="model"))):
             v, feats = m(x, t, y, return_features=True)
             v_ref, feats_ref = ref_forward(sd, x, t, y, 2, 2, 2, qk_norm)
             assert (v - v_ref).abs().max() < 1e-5 and v_ref.abs().mean() > 0.1
             for f, f_ref in zip(feats, feats_ref, strict=True):
                 assert (f - f_ref).abs().max() < 1e-5
+
+
+# -- time conventions: each accepted layout samples as its own repository's sampler -------------------------
+
+
+def sit_state_dict(c, p, d, depth, heads, mlp, classes, grid, seed) -> dict:
+    """Ma et al.'s SiT layout (its released SiT-XL-2-256x256.pt): DiT's tensor names, no REPA projectors, no
+    latent BatchNorm, and learn_sigma: the final linear gives 2C channels per pixel."""
+    sd = repa_state_dict(c, p, d, depth, heads, mlp, classes, (), 0, grid, False, seed)
+    for k in [k for k in sd if k.startswith("bn.")]:
+        del sd[k]
+    g = torch.Generator().manual_seed(seed + 1)
+    sd["final_layer.linear.weight"] = torch.randn(p * p * 2 * c, d, generator=g) / d**0.5
+    sd["final_layer.linear.bias"] = torch.randn(p * p * 2 * c, generator=g)
+    return sd
+
+
+def per_seed_noise(seeds, shape) -> torch.Tensor:
+    """Image i's starting noise: the first draw of torch.Generator().manual_seed(seeds[i])."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def sit_euler(sd, noise, y, steps, heads, p, cfg_scale=1.0, null_class=None) -> torch.Tensor:
+    """SiT's ODE sampler (transport.Sampler.sample_ode, torchdiffeq's fixed-grid "euler") on its Linear path
+    with velocity prediction, from the published algorithm, on the raw checkpoint forward.
+
+    SiT's path is x_t = t x + (1 - t) eps: the walk starts from the noise at t = 0 and ends on data at t = 1,
+    x <- x + v(x, t) dt over linspace(0, 1, steps + 1) (SiT's --num-sampling-steps counts grid points, so it
+    is steps + 1), v = the first C of the model's 2C output channels. Guidance, when asked, acts on every
+    channel (SiT's forward_with_cfg guides only 3: the bug we do not repeat).
+    """
+    c = noise.shape[1]
+
+    def v(x, t, labels):
+        return ref_forward(sd, x, t.expand(x.shape[0]), labels, heads, p, 0, False)[0][:, :c]
+
+    x, ts = noise, torch.linspace(0, 1, steps + 1)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        d = v(x, t, y)
+        if cfg_scale != 1.0:
+            d_u = v(x, t, torch.full_like(y, null_class))
+            d = d_u + cfg_scale * (d - d_u)
+        x = x + (t_next - t) * d
+    return x
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("layout", ["released", "train.py"])
+def test_original_sit_checkpoint_samples_like_sit_euler(tmp_path, layout, cfg_scale):
+    # 384 wide: 6 heads, from the width table (bare file) and from args.model "SiT-S/2" (train.py)
+    kw = dict(c=4, p=2, d=384, depth=2, heads=6, mlp=1536, classes=5, grid=4)
+    sd = sit_state_dict(**kw, seed=3)
+    path = tmp_path / "SiT-S-2.pt"
+    if layout == "released":  # a bare state dict
+        torch.save(sd, path)
+    else:  # SiT's train.py: model, ema, opt and its argparse arguments
+        args = argparse.Namespace(
+            model="SiT-S/2", path_type="Linear", prediction="velocity", loss_weight=None, num_classes=5
+        )
+        torch.save({"model": sit_state_dict(**kw, seed=4), "ema": sd, "opt": {}, "args": args}, path)
+    model = load_sit(path)
+    cfg = model.config
+    assert (cfg.time_convention, cfg.learn_sigma, cfg.z_dims, cfg.num_heads) == ("sit", True, (), 6)
+    assert not model.training
+    labels, seeds, steps = torch.tensor([0, 3, 4]), [11, 12, 13], 8
+    ours = sample(model, labels, seeds, SamplerConfig(steps=steps, cfg_scale=cfg_scale))
+    noise = per_seed_noise(seeds, (4, 8, 8))
+    with torch.no_grad():
+        ref = sit_euler(sd, noise, labels, steps, heads=6, p=2, cfg_scale=cfg_scale, null_class=5)
+    assert (ref - noise).abs().mean() > 0.5  # the walk went somewhere
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)  # fp32; |ref| up to ~7
+
+
+def repa_euler(model_fn, noise, y, null_class, steps, cfg_scale, low, high) -> torch.Tensor:
+    """REPA's euler_sampler (samplers.py), from the published algorithm: x in float64 from the noise at
+    t = 1 to data at 0 over linspace(1, 0, steps + 1), x <- x + (t_next - t) d, guided when t is in
+    [low, high]; the model sees float32 inputs."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x = noise.double()
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        tb = torch.full((x.shape[0],), float(t_cur))
+        d = model_fn(x.float(), tb, y).double()
+        if cfg_scale > 1.0 and low <= t_cur <= high:
+            d_u = model_fn(x.float(), tb, torch.full_like(y, null_class)).double()
+            d = d_u + cfg_scale * (d - d_u)
+        x = x + (t_next - t_cur) * d
+    return x.float()
+
+
+def test_repa_checkpoint_samples_like_repa_euler(tmp_path):
+    kw = dict(c=4, p=2, d=128, depth=3, heads=2, mlp=512, classes=10, z_dims=(48,), proj_dim=64, grid=4)
+    sd = repa_state_dict(**kw, qk_norm=False, seed=5)
+    args = argparse.Namespace(
+        model="custom", encoder_depth=2, path_type="linear", prediction="v", cfg_prob=0.1
+    )
+    torch.save({"ema": sd, "args": args}, tmp_path / "last.pt")
+    model = load_sit(tmp_path / "last.pt")
+    assert (model.config.time_convention, model.config.learn_sigma) == ("repa", False)
+    labels, seeds, steps = torch.tensor([1, 9, 4]), [0, 5, 6], 8
+    ours = sample(model, labels, seeds, SamplerConfig(steps=steps, cfg_scale=3.0, guidance_high=0.7))
+    noise = per_seed_noise(seeds, (4, 8, 8))
+    with torch.no_grad():
+        raw = lambda x, t, y: ref_forward(sd, x, t, y, 2, 2, 2, False)[0]
+        ref = repa_euler(raw, noise, labels, 10, steps, 3.0, 0.0, 0.7)
+    assert (ref - noise).abs().mean() > 0.5
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)  # fp32; |ref| up to ~7
+
+
+def test_time_convention_from_args_and_layout(tmp_path, caplog):
+    kw = dict(c=4, p=2, d=128, depth=2, heads=2, mlp=512, classes=5, grid=4)
+    sd = sit_state_dict(**kw, seed=0)
+    repa = repa_state_dict(**kw, z_dims=(16,), proj_dim=32, qk_norm=False, seed=0)
+    assert (infer_time_convention(sd), infer_time_convention(repa)) == ("sit", "repa")
+    # stored training arguments decide before the layout
+    assert infer_time_convention(sd, {"path_type": "linear", "prediction": "v"}) == "repa"
+    assert infer_time_convention(repa, {"path_type": "Linear", "prediction": "velocity"}) == "sit"
+    refused = [
+        ({"path_type": "GVP", "prediction": "velocity"}, "Linear path"),
+        ({"path_type": "Linear", "prediction": "noise"}, "Linear path"),
+        ({"path_type": "cosine", "prediction": "v"}, "cosine"),
+        ({"model": "DiT-XL/2"}, "DiT"),
+    ]
+    for args, match in refused:
+        with pytest.raises(CheckpointMismatchError, match=match):
+            infer_time_convention(sd, args)
+    with pytest.raises(ValueError, match="time_convention"):
+        tiny_config(time_convention="edm")
+
+    torch.save(sd, tmp_path / "sit.pt")
+    model = load_sit(tmp_path / "sit.pt")
+    assert "SiT time" in model.config.describe()
+    # the model speaks our time: v(x, t) = -v_SiT(x, 1 - t) on the first C channels
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        v_sit = ref_forward(sd, x, 1 - t, y, 2, 2, 0, False)[0][:, :4]
+        assert (model(x, t, y) + v_sit).abs().max() < 1e-5 and v_sit.abs().mean() > 0.1
+        # an export keeps the convention
+        loaded = load_sit(model.save_pretrained(tmp_path / "export"))
+        assert loaded.config.time_convention == "sit" and torch.equal(loaded(x, t, y), model(x, t, y))
+    # a config passed by hand wins; a convention the tensors contradict is reported
+    with caplog.at_level(logging.WARNING, logger="sendvae.models.sit_io"):
+        mine = load_sit(
+            tmp_path / "sit.pt", SiTConfig(**{**model.config.to_dict(), "time_convention": "repa"})
+        )
+    assert mine.config.time_convention == "repa" and "time_convention='sit'" in caplog.text
 
 
 def test_load_errors_name_the_keys(tmp_path):
@@ -341,7 +490,7 @@ def test_save_pretrained_round_trip(tmp_path):
     out = model.save_pretrained(tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     for path in (out, out / "model.safetensors"):
-        loaded = load_sit(path).eval()
-        assert loaded.config == cfg
+        loaded = load_sit(path)
+        assert loaded.config == cfg and not loaded.training
         x, t, y = inputs(cfg)
         assert torch.equal(loaded(x, t, y), model(x, t, y))

@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input: printed as one clear line, not a traceback."""
-    from .teachers.base import TeacherWeightsError
+    from .runtime.checkpoint import WriteError
+    from .runtime.weights import WeightsError
 
-    return (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, TeacherWeightsError)
+    return (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, WeightsError, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:

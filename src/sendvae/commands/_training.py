@@ -1,4 +1,4 @@
-"""What the training commands share: preset + alias + override resolution, run folders, resume checks.
+"""What the training commands share: preset + alias + override resolution, run folders.
 
 A training command names its presets, its config class, and its aliases (the reference scripts' short
 options -> dotted config keys). Every config field is also an option ``--section.field``.
@@ -7,7 +7,6 @@ options -> dotted config keys). Every config field is also an option ``--section
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +53,6 @@ def resolve_config(
     return cfg
 
 
-def check_same_experiment(run_dir: Path, cfg: Any) -> None:
-    """A run folder holds one experiment: resuming with a different model/loss/data config is an error."""
-    saved = run_dir / "config.json"
-    if not saved.exists():
-        return
-    old, new = json.loads(saved.read_text()), to_dict(cfg)
-    diffs = []
-    for section in new:
-        if section in ("run", "preset", "eval"):
-            continue  # logging/checkpoint/evaluation cadence and device may change between runs
-        if old.get(section) != new[section]:
-            o, n = old.get(section) or {}, new[section]
-            keys = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k)) if isinstance(n, dict) else []
-            diffs += [f"{section}.{k}: {o.get(k)!r} -> {n.get(k)!r}" for k in keys] or [section]
-    if diffs:
-        raise ValueError(
-            f"run folder {run_dir} holds an experiment with another config ({'; '.join(diffs)}); "
-            f"pass a new --exp-name, or the same options to resume"
-        )
-
-
 def run_training(cfg: Any, make_trainer, export) -> int:
     """Set up the process group and the run folder, train, export on rank 0, clean up."""
     from ..runtime.checkpoint import atomic_write_json
@@ -83,15 +61,16 @@ def run_training(cfg: Any, make_trainer, export) -> int:
 
     dist = init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.output_dir) / cfg.run.exp_name
-    if dist.is_main:
-        check_same_experiment(run_dir, cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(to_dict(cfg), run_dir / "config.json")
     log = RunLogger(run_dir, dist.is_main, tensorboard=cfg.run.tensorboard)
     try:
+        # Building the trainer resumes, and refuses a config that differs from its checkpoint's
+        # (train/resume.py); only then is config.json written, so a failed start leaves no false record.
         trainer = make_trainer(cfg, dist, run_dir, log)
+        if dist.is_main:
+            atomic_write_json(to_dict(cfg), run_dir / "config.json")
         trainer.train()
         if dist.is_main:
+            trainer.check_finite()
             log.info(f"exported to {export(trainer)}")
     finally:
         log.close()

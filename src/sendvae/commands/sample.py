@@ -247,7 +247,11 @@ def run(args: argparse.Namespace) -> int:
         name = output_name(info["name"], scfg, args.seed, n, args.label_sampling)
         final, parts = out / f"{name}.npz", out / f"{name}.parts"
         if final.exists():
-            if dist.is_main:
+            if dist.is_main:  # finish what a run killed after writing the .npz left undone
+                if not (out / f"{name}.png").exists():
+                    with np.load(final) as f:
+                        save_grid(f["arr_0"][:64], out / f"{name}.png")
+                shutil.rmtree(parts, ignore_errors=True)
                 print(f"{final} exists; nothing to do")
             return 0
         settings = {
@@ -258,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         error = None
         if dist.is_main:
             parts.mkdir(parents=True, exist_ok=True)
+            ckpt.sweep_temp_files(out, parts)  # leftovers of a killed write
             sfile = parts / "settings.json"
             if sfile.exists() and json.loads(sfile.read_text()) != settings:
                 error = f"{parts} holds samples made with other settings; delete it or use another --output"
@@ -298,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
         barrier()  # every part is on disk
         if dist.is_main:
             images, labels = merge_parts(parts, n)
+            save_grid(images, out / f"{name}.png")  # before the .npz, whose presence means "done"
             ckpt.atomic_write_bytes(final, lambda f: np.savez(f, arr_0=images, arr_1=labels))
-            save_grid(images, out / f"{name}.png")
             shutil.rmtree(parts)
             print(f"wrote {final} {images.shape} and {name}.png", flush=True)
         barrier()

@@ -253,6 +253,11 @@ def prepare_dataset(
     """
     t0 = time.time()
     out, shard_size = Path(out), int(shard_size or default_shard_size(resolution))
+    if out.exists() and not out.is_dir():  # checked before the (long) scan of the source
+        raise ValueError(
+            f"output {out} is an existing file, not a folder; pass a new folder as OUT (or the folder of an "
+            "earlier run of the same command, to resume it)"
+        )
     if isinstance(src, (str, os.PathLike)):
         source: FolderSource | DatasetSource = FolderSource(src, resolution, min_size)
     else:
@@ -262,7 +267,10 @@ def prepare_dataset(
         format_version=FORMAT_VERSION, resolution=resolution, shard_size=shard_size, min_size=min_size,
         source=source.description, num_items=n, items_sha1=source.fingerprint(),
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a parent is a file, or no write permission
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}; pass another OUT") from e
     if (out / PLAN_FILE).exists():
         old = json.loads((out / PLAN_FILE).read_text())
         diff = [f"{key}: {old.get(key)!r} -> {v!r}" for key, v in plan.items() if old.get(key) != v]

@@ -7,7 +7,12 @@ Integrating dx/dt = v(x, t) from t = 1 (pure noise) to t = 0 gives data:
     v - w/2 * score, then one noiseless step from last_step to 0 (``steps`` model evaluations in all).
     For this interpolant eps = x_t + (1 - t) v, so score(x_t) = -E[eps | x_t] / t = -(x_t + (1 - t) v) / t.
 Classifier-free guidance acts on all latent channels (DiT/SiT guide only the first 3: a bug not repeated
-here), only for t inside [guidance_low, guidance_high].
+here), only for t inside [guidance_low, guidance_high]. As in REPA's samplers.py, a step's start time
+decides for the whole step: Heun's corrector, evaluated at the step's end, is guided when the step
+started inside the interval.
+
+The model runs in eval mode whatever mode the caller left it in (a SiT in training mode would drop labels
+to the null class at random), and gets its own modes back afterwards.
 
 One seed per image: each image's initial noise and SDE noise come from its own generator, so image i is
 the same whatever the batch size, the batch it lands in or the process that makes it.
@@ -15,8 +20,8 @@ the same whatever the batch size, the batch it lands in or the process that make
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +74,16 @@ def guided_velocity(
     cfg_scale: float = 1.0,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
+    guide_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """v = v_u + s (v_c - v_u) where t is inside [low, high], else v_c; (B, C, H, W) in fp32.
+    """v = v_u + s (v_c - v_u) where `guide_t` (default t) is inside [low, high], else v_c; (B, C, H, W) fp32.
 
-    `t` is a scalar (one time for the batch) or (B,). With scale 1, or a scalar t outside the interval,
-    only the conditional pass runs.
+    `t` and `guide_t` are scalars (one time for the batch) or (B,). With scale 1, or a scalar `guide_t`
+    outside the interval, only the conditional pass runs.
     """
     tb = t.reshape(-1).expand(x.shape[0])
-    inside = (tb >= guidance_low) & (tb <= guidance_high)
+    gb = tb if guide_t is None else guide_t.reshape(-1).expand(x.shape[0])
+    inside = (gb >= guidance_low) & (gb <= guidance_high)
     if cfg_scale == 1.0 or not bool(inside.any()):
         return model(x, tb, y).float()
     v_both = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, torch.full_like(y, null_class)]))
@@ -115,20 +122,38 @@ class ImageNoise:
         return self._block[:, k % NOISE_BLOCK]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no label dropout, no dropout) inside the block; every submodule's own
+    training flag is restored afterwards, mixed modes included."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if modes:
+        model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _velocity_fn(model: nn.Module, y: torch.Tensor, null_class: int, cfg: SamplerConfig):
     amp = torch.autocast(y.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def velocity(x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
         with amp:
             return guided_velocity(
-                model, x, t, y, null_class, cfg.cfg_scale, cfg.guidance_low, cfg.guidance_high
+                model, x, t, y, null_class, cfg.cfg_scale, cfg.guidance_low, cfg.guidance_high, guide_t
             )
 
     return velocity
 
 
 def ode_solve(velocity, x: torch.Tensor, steps: int, method: str = "euler") -> torch.Tensor:
-    """dx/dt = velocity(x, t) from t = 1 to 0 on a uniform grid; Heun's last step is Euler."""
+    """dx/dt = velocity(x, t[, guide_t]) from t = 1 to 0 on a uniform grid; Heun's last step is Euler.
+
+    Heun: d = v(x, t), x' = x + dt d, x <- x + dt (d + v(x', t_next)) / 2, both evaluations guided or not
+    by where t (the step's start) lies, as REPA's euler_sampler(heun=True).
+    """
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     ts = [torch.tensor(t, device=x.device, dtype=torch.float32) for t in ts]
     for i in range(steps):
@@ -137,7 +162,7 @@ def ode_solve(velocity, x: torch.Tensor, steps: int, method: str = "euler") -> t
         d = velocity(x, t)
         x_euler = x + dt * d
         if method == "heun" and i < steps - 1:
-            x = x + dt * 0.5 * (d + velocity(x_euler, t_next))
+            x = x + dt * 0.5 * (d + velocity(x_euler, t_next, t))
         else:
             x = x_euler
     return x
@@ -172,7 +197,8 @@ def sample(
     null_class: int | None = None,
     latent_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Latents x_0 (B, C, H, W) fp32 for class `labels` (B,) on the model's device, image i from `seeds[i]`.
+    """Latents x_0 (B, C, H, W) fp32 for class `labels` (B,) on the model's device, image i from `seeds[i]`;
+    the model runs in eval mode (`eval_mode`).
 
     `null_class` and `latent_shape` default to the SiT's config (num_classes, (in_channels, H, W)).
     """
@@ -187,9 +213,10 @@ def sample(
     noise = ImageNoise(seeds, latent_shape, labels.device)
     x = noise.initial()
     velocity = _velocity_fn(model, labels, null_class, cfg)
-    if cfg.mode == "ode":
-        return ode_solve(velocity, x, cfg.steps, cfg.method)
-    return sde_solve(velocity, x, cfg.steps, noise, cfg.last_step)
+    with eval_mode(model):
+        if cfg.mode == "ode":
+            return ode_solve(velocity, x, cfg.steps, cfg.method)
+        return sde_solve(velocity, x, cfg.steps, noise, cfg.last_step)
 
 
 @torch.no_grad()
@@ -207,4 +234,5 @@ def euler_sample(
     cfg = SamplerConfig(
         steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high
     )
-    return ode_solve(_velocity_fn(model, y, null_class, cfg), noise.float(), steps, "euler")
+    with eval_mode(model):
+        return ode_solve(_velocity_fn(model, y, null_class, cfg), noise.float(), steps, "euler")

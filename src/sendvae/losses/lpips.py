@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..runtime.weights import read_weights
+
 LPIPS_VARIANTS = ("stlpips", "lpips")
 LPIPS_NETS = ("vgg", "alex")
 
@@ -128,7 +130,7 @@ def _load_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise LPIPSWeightsError(f"{what} file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path, what)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state

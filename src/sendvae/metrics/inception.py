@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionB, InceptionD
 
+from ..runtime.weights import read_weights
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
@@ -244,7 +246,7 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
             f"inception-2015-12-05 graph ported to PyTorch by pytorch-fid) from {WEIGHTS_URL} "
             "and pass its path."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path, "FID Inception weights")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     net = FIDInceptionV3()

@@ -140,4 +140,4 @@ def load_discriminator(
         optional=lambda k: k.endswith("num_batches_tracked"),
     )
     log.info("discriminator: %s from %s (%s)", model.describe(), path, where)
-    return model.to(map_location)
+    return model.to(map_location).eval()

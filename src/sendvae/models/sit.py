@@ -12,6 +12,11 @@ projectors. Module names are the public REPA / REPA-E layout (`x_embedder.proj`,
 load without renaming (`sendvae.models.sit_io.load_sit`). Differences from those codebases: the null
 class is `num_classes` of the config (never a literal 1000), the position embedding is a
 non-persistent buffer, and `learn_sigma` checkpoints return only the velocity half.
+
+Time convention: `forward` always speaks REPA's (t = 1 is noise, v = eps - x). Weights trained the other
+way round, as Ma et al.'s SiT (t = 0 noise, t = 1 data, v = x - eps), say so in the config
+(`time_convention="sit"`) and are converted at the model's edge: for x_t = (1 - t) x + t eps = x_s(SiT)
+with s = 1 - t, v(x, t) = d x_t / dt = -v_SiT(x, 1 - t). Samplers and losses never see the difference.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 QK_NORMS = ("layer", "rms")
+TIME_CONVENTIONS = ("repa", "sit")
 
 
 @dataclass
@@ -75,6 +81,13 @@ class SiTConfig:
         default=True,
         metadata={"help": "attention through F.scaled_dot_product_attention (else explicit softmax)"},
     )
+    time_convention: str = field(
+        default="repa",
+        metadata={
+            "help": "how the weights read t: repa (t = 1 noise, v = eps - x; REPA, REPA-E, ours) | sit "
+            "(Ma et al.'s SiT: t = 0 noise, v = x - eps); forward() takes and returns repa's either way"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.z_dims = tuple(int(z) for z in self.z_dims)
@@ -91,6 +104,8 @@ class SiTConfig:
             problems.append(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.qk_norm_type not in QK_NORMS:
             problems.append(f"qk_norm_type must be one of {QK_NORMS}, got {self.qk_norm_type!r}")
+        if self.time_convention not in TIME_CONVENTIONS:
+            problems.append(f"time_convention must be in {TIME_CONVENTIONS}, got {self.time_convention!r}")
         if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             problems.append(f"encoder_depth must be in 1..depth={self.depth}, got {self.encoder_depth}")
         if problems:
@@ -109,10 +124,11 @@ class SiTConfig:
         return self.in_channels * (2 if self.learn_sigma else 1)
 
     def describe(self) -> str:
-        repa = f", REPA z_dims={list(self.z_dims)} at block {self.encoder_depth}" if self.z_dims else ""
+        extra = f", REPA z_dims={list(self.z_dims)} at block {self.encoder_depth}" if self.z_dims else ""
+        extra += ", SiT time (t = 0 noise)" if self.time_convention == "sit" else ""
         return (
             f"SiT depth={self.depth} width={self.hidden_size} heads={self.num_heads} patch={self.patch_size} "
-            f"on {self.in_channels}x{self.input_size}x{self.input_size}, {self.num_classes} classes{repa}"
+            f"on {self.in_channels}x{self.input_size}x{self.input_size}, {self.num_classes} classes{extra}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,6 +384,8 @@ class SiT(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         t = t.reshape(-1).expand(x.shape[0])  # a scalar t applies to the whole batch
+        if cfg.time_convention == "sit":
+            t = 1 - t  # the weights' own time: s = 1 - t
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         return h, self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
 
@@ -384,9 +402,10 @@ class SiT(nn.Module):
         return_features: bool = False,
         force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) int64 (== num_classes: unconditional).
+        """x (B, C, H, W), t (B,) in [0, 1] (1 = noise), y (B,) int64 (== num_classes: unconditional).
 
-        Returns the velocity (B, C, H, W); with `return_features` also the REPA tokens [(B, N, z_dim)].
+        Returns the velocity eps - x (B, C, H, W), whatever the config's `time_convention`; with
+        `return_features` also the REPA tokens [(B, N, z_dim)].
         `force_drop_ids` (B,) marks labels to replace by the null class (classifier-free guidance).
         """
         cfg = self.config
@@ -399,6 +418,8 @@ class SiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
         if cfg.learn_sigma:
             out = out[:, : cfg.in_channels]  # the velocity half; the variance half is unused by flow matching
+        if cfg.time_convention == "sit":
+            out = -out  # v(x, t) = -v_SiT(x, 1 - t)
         return (out, features) if return_features else out
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -3,7 +3,20 @@
 The module names of `sendvae.models.sit.SiT` are the REPA layout, so a checkpoint's tensors load as they
 are; only its fixed `pos_embed` (recomputed here) and REPA-E's latent BatchNorm (`bn.*`, latent statistics
 that belong with the VAE) are set aside. Loading is strict by default: missing, unexpected or mis-shaped
-tensors raise `CheckpointMismatchError` with a summary.
+tensors raise `CheckpointMismatchError` with a summary. The model comes back in eval mode.
+
+Which way a foreign checkpoint runs time is read once, here, into `SiTConfig.time_convention`:
+
+    layout                                     tensors                          time
+    REPA / REPA-E (train.py, last.pt)          projectors.*, C outputs [, bn.*] t = 1 noise, v = eps - x
+    Ma et al.'s SiT (SiT-XL-2-256x256.pt,      no projectors, 2C outputs        t = 0 noise, v = x - eps
+      its train.py checkpoints)                (learn_sigma)
+
+Training arguments stored beside the weights decide first: REPA / REPA-E write path_type linear|cosine
+and prediction v, SiT writes Linear|GVP|VP and velocity|score|noise. Only the linear path with velocity
+prediction is what our samplers integrate; the others are refused. DiT checkpoints share SiT's tensor
+layout but predict DDPM noise on t in 0..999: a bare DiT state dict cannot be told apart from the
+released SiT file, so do not pass one.
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ _ANCHOR = "x_embedder.proj.weight"
 # heads leave no trace in the weights: the registry's widths decide, else 64-wide heads
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 _IGNORED_PREFIXES = ("bn.",)  # REPA-E's latent BatchNorm: statistics of the VAE's latents, not the SiT
+# the two families' training arguments (argparse choices) do not overlap
+_SIT_PATHS, _SIT_PREDICTIONS = ("Linear", "GVP", "VP"), ("velocity", "score", "noise")
+_REPA_PATHS, _REPA_PREDICTIONS = ("linear", "cosine"), ("v",)
 
 
 def _args_dict(raw: dict[str, Any]) -> dict[str, Any]:
@@ -35,13 +51,48 @@ def _args_dict(raw: dict[str, Any]) -> dict[str, Any]:
     return dict(args) if isinstance(args, dict) else {}
 
 
+def infer_time_convention(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = None) -> str:
+    """The time convention of a checkpoint: "sit" for Ma et al.'s SiT (t = 0 noise), "repa" for REPA / REPA-E.
+
+    The stored training `args` decide when they name a path or a prediction; a bare state dict (the
+    released files) by its layout: learn_sigma outputs (2C channels) without REPA projectors is SiT's.
+    """
+    args = args or {}
+    path, pred = args.get("path_type"), args.get("prediction")
+    if str(args.get("model", "")).startswith("DiT-"):
+        raise CheckpointMismatchError(
+            f"a DiT checkpoint (args.model={args['model']!r}): DiT predicts DDPM noise, not a SiT velocity"
+        )
+    if path in _SIT_PATHS or pred in _SIT_PREDICTIONS:
+        if (path, pred) != ("Linear", "velocity"):
+            raise CheckpointMismatchError(
+                f"a SiT checkpoint trained with path_type={path!r}, prediction={pred!r}: only the Linear "
+                "path with velocity prediction can be sampled here"
+            )
+        return "sit"
+    if path in _REPA_PATHS or pred in _REPA_PREDICTIONS:
+        if path == "cosine":
+            raise CheckpointMismatchError(
+                "a REPA checkpoint trained on the cosine path: only the linear interpolant can be sampled"
+            )
+        return "repa"
+    try:
+        patch_w, final = sd[_ANCHOR], sd["final_layer.linear.weight"]  # (D, C, p, p), (p*p*C_out, D)
+    except KeyError as e:
+        raise CheckpointMismatchError(f"cannot infer the SiT architecture: tensor {e} is missing") from e
+    learn_sigma = final.shape[0] == 2 * patch_w.shape[1] * patch_w.shape[2] ** 2
+    has_projectors = any(k.startswith("projectors.") for k in sd)
+    return "sit" if learn_sigma and not has_projectors else "repa"
+
+
 def infer_sit_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = None) -> SiTConfig:
     """Read a SiTConfig off REPA-layout tensor shapes, completed by the checkpoint's training `args`.
 
     From the shapes: width, depth, patch, channels, input size (from `pos_embed`), classes, learn_sigma,
     qk-norm, projector widths. Not in the shapes: the head count (from `args.model` such as "SiT-XL/2",
     else the registry width -> heads table, else 64-wide heads), `encoder_depth` (`args.encoder_depth`,
-    else the registry's 4 / 8) and the label dropout (a null row is assumed: classes = rows - 1).
+    else the registry's 4 / 8), the label dropout (a null row is assumed: classes = rows - 1) and the
+    time convention (`infer_time_convention`).
     """
     args = args or {}
     try:
@@ -88,6 +139,7 @@ def infer_sit_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = 
         projector_dim=projector_dim,
         z_dims=z_dims,
         fused_attn=bool(args.get("fused_attn", True)),
+        time_convention=infer_time_convention(sd, args),
     )
 
 
@@ -98,7 +150,7 @@ def _resolve(config: str | None, inferred: SiTConfig) -> SiTConfig:
     if config not in SIT_MODELS:
         raise ValueError(f"unknown SiT model {config!r}; choices: {sorted(SIT_MODELS)}")
     keep = ("input_size", "in_channels", "num_classes", "learn_sigma", "qk_norm", "qk_norm_type")
-    keep += ("projector_dim", "z_dims", "class_dropout_prob")
+    keep += ("projector_dim", "z_dims", "class_dropout_prob", "time_convention")
     return SIT_MODELS[config](**{k: getattr(inferred, k) for k in keep})
 
 
@@ -110,11 +162,12 @@ def load_sit(
     strict: bool = True,
     map_location: Any = "cpu",
 ) -> SiT:
-    """A SiT from our export folder (or its model.safetensors) or a REPA / REPA-E / SiT checkpoint.
+    """A SiT in eval mode from our export folder (or its model.safetensors) or a REPA / REPA-E / SiT
+    checkpoint; whichever way the checkpoint runs time, the model speaks ours (t = 1 noise, v = eps - x).
 
-    `config`: a SiTConfig, a registry name ("SiT-XL/2": heads and encoder_depth from the preset, sizes from
-    the tensors), or None (the export's config.json, a `sit_config` dict in the checkpoint, else
-    `infer_sit_config`). `weights`: "ema" (default) or "model" when a checkpoint holds both.
+    `config`: a SiTConfig, a registry name ("SiT-XL/2": heads and encoder_depth from the preset, sizes and
+    time convention from the tensors), or None (the export's config.json, a `sit_config` dict in the
+    checkpoint, else `infer_sit_config`). `weights`: "ema" (default) or "model" when a checkpoint holds both.
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -137,6 +190,13 @@ def load_sit(
             inferred = infer_sit_config(sd, args)
         except CheckpointMismatchError:
             pass
+        if inferred is not None and inferred.time_convention != cfg.time_convention:
+            log.warning(
+                "SiT: %s looks like a checkpoint with time_convention=%r, the config says %r",
+                path,
+                inferred.time_convention,
+                cfg.time_convention,
+            )
     elif stored is not None:
         if config is not None:
             raise ValueError(f"{path} carries its own config; pass a SiTConfig or None, not {config!r}")
@@ -153,7 +213,7 @@ def load_sit(
     if pos is not None:
         _check_pos_embed(model, pos, path)
     log.info("SiT: %s from %s (%s)", cfg.describe(), path, where)
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def _read_checkpoint(

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from sendvae.models.vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
 from sendvae.runtime.checkpoint import atomic_save_safetensors, atomic_write_json
+from sendvae.runtime.weights import WeightsError, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,11 @@ class CheckpointMismatchError(ValueError):
 # -- generic checkpoint helpers (also used by the discriminator) ------------------------------------------
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a .safetensors file or a torch pickle (weights_only) into a dict."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(map_location))
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling refused a non-tensor object
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True): {e}\n"
-            "Re-save just its state dict (torch.save(ckpt['state_dict'], ...)) or convert it to safetensors."
-        ) from e
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> dict[str, Any]:
+    """Read a .safetensors file or a torch file as data (`sendvae.runtime.weights`) into a dict."""
+    obj = read_weights(path, what, map_location=map_location)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+        raise WeightsError(f"{what} '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
 
 
@@ -364,7 +355,8 @@ def load_vae(
     map_location: Any = "cpu",
     latent_stats: str | Path | None = None,
 ) -> AutoencoderKL:
-    """Build an AutoencoderKL from a preset name (random init), a diffusers/sendvae folder or a checkpoint.
+    """Build an AutoencoderKL, in eval mode, from a preset name (random init), a diffusers/sendvae folder or
+    a checkpoint.
 
     `config` overrides the architecture (otherwise: the folder's config, a `vae_config` dict stored in
     the checkpoint, or shape inference). Latent stats come from `latent_stats` (a file), else the
@@ -378,7 +370,7 @@ def load_vae(
             model = AutoencoderKL(cfg or VAE_CONFIGS[str(path_or_preset)])
             if latent_stats is not None:
                 model.set_latent_stats(*load_latent_stats(latent_stats))
-            return model
+            return model.eval()
         raise FileNotFoundError(
             f"{path_or_preset!r} is neither a file, a folder nor a VAE preset; presets: {sorted(VAE_CONFIGS)}"
         )
@@ -408,7 +400,7 @@ def load_vae(
         log.warning("VAE: found latent stats for %d channels; the model has %d", len(stats[0]), cfg.embed_dim)
     elif stats is not None:
         model.set_latent_stats(*stats)
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def _read_file(

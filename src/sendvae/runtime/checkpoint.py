@@ -2,7 +2,7 @@
 
 Two different things live in a run folder:
   * training state (``checkpoints/step-0001000.pt``): everything needed to continue bit-for-bit —
-    models, EMA, optimizers, schedulers, step, data position, RNG states. Loaded with
+    models, EMA, optimizers, step (which fixes the data position and every random draw). Loaded with
     ``weights_only=True`` and ``map_location="cpu"``; only tensors and plain containers go in.
   * exports (``export/``): small, framework-neutral safetensors + config.json for users.
 Running the same command again finds the newest training state and resumes from it.
@@ -10,20 +10,36 @@ Running the same command again finds the newest training state and resumes from 
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .weights import read_weights
+
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
+_TMP_GLOB = ".*.tmp"  # what atomic writes leave behind when the process is killed mid-write
+log = logging.getLogger(__name__)
+
+
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, permissions); the previous version is untouched."""
+
+
+def _write_error(path: Path, err: OSError) -> WriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full: free some space (or lower --run.keep_ckpts) and run the command again"
+    else:
+        why = f"{err.strerror or err}: check the folder's permissions and free space"
+    return WriteError(f"could not write {path}: {why}; the previous version, if any, is intact")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,12 +65,15 @@ def _file_mode() -> int:
 def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
     """Write through ``writer(file_obj)`` to a temp file beside ``path``, fsync, then rename over it.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file (a killed process
+    may leave the temp file ``.<name>.*.tmp``; `sweep_temp_files` removes those). A full disk is a
+    `WriteError` with one clear line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             writer(f)
@@ -62,10 +81,30 @@ def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        _unlink(tmp)
+        raise _write_error(path, e) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
+
+
+def _unlink(tmp: str | None) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+def sweep_temp_files(*folders: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed atomic writes left in ``folders`` (not recursive)."""
+    removed = []
+    for d in folders:
+        d = Path(d)
+        if d.is_dir():
+            for p in d.glob(_TMP_GLOB):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -79,23 +118,32 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, _file_mode())  # mkstemp (and safetensors' rewrite) leave 0600
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the rename makes them the file
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        _unlink(tmp)
+        raise _write_error(path, e) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training state on the CPU with the safe unpickler."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a training state on the CPU with the safe unpickler (a bad file is a WeightsError)."""
+    return read_weights(path, "training state")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -127,43 +175,6 @@ def save_training_state(run_dir: str | os.PathLike, step: int, state: dict[str, 
         for _, old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RNG state: python, numpy, torch CPU and CUDA, as tensors/ints so weights_only loading accepts them.
-
-
-def get_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": _py_state_to_tensor(random.getstate()),
-        "python_gauss": random.getstate()[2],
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_py_state_from_tensor(state["python"], state.get("python_gauss")))
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _py_state_to_tensor(st: tuple) -> torch.Tensor:
-    version, internal, _gauss = st
-    return torch.tensor([version, *internal], dtype=torch.int64)
-
-
-def _py_state_from_tensor(t: torch.Tensor, gauss: float | None = None) -> tuple:
-    vals = t.tolist()
-    return (vals[0], tuple(vals[1:]), gauss)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -93,8 +93,3 @@ def cleanup() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def rank_seed(seed: int, info: DistInfo) -> int:
-    """Per-rank seed, ``seed * world + rank``: distinct streams, reproducible for a given world size."""
-    return seed * info.world_size + info.rank

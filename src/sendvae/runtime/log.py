@@ -70,6 +70,18 @@ class RunLogger:
             self.info(" | ".join(parts))
         return row
 
+    def truncate_stats(self, step: int) -> None:
+        """Drop the stats.jsonl rows after ``step`` (a resumed run replays those steps)."""
+        if not self._stats:
+            return
+        path = self.run_dir / "stats.jsonl"
+        self._stats.close()
+        rows = [r for r in read_stats(path) if int(r.get("step", 0)) <= step]
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        self._stats = open(path, "a", buffering=1)
+
     def close(self) -> None:
         for h in (self._text, self._stats):
             if h:

@@ -9,14 +9,14 @@ dropping cls/register tokens, the final norm) happens inside.
 from __future__ import annotations
 
 import logging
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..runtime.weights import WEIGHT_SUFFIXES, WeightsError, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,9 @@ GENERIC_WEIGHT_FILES = (
     "pytorch_model.bin",
     "open_clip_pytorch_model.bin",
 )
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt")
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(WeightsError):
     """A teacher's pretrained weights are missing, unreadable or in a layout we cannot map."""
 
 
@@ -203,30 +202,15 @@ def find_weight_file(path: str | Path, spec: TeacherSpec) -> Path:
 
 
 def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors, torch.save or TorchScript (OpenAI CLIP's .pt) file, on the CPU."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors of a .safetensors, torch.save or TorchScript (OpenAI CLIP's .pt) file, on the CPU.
 
-        return load_file(str(path), device="cpu")
-    if _is_torchscript(path):  # OpenAI's CLIP files are TorchScript archives
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; its files are not
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    Read as data (`sendvae.runtime.weights`): a TorchScript archive's code never runs.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as err:  # pickle.UnpicklingError from weights_only, among others
-        raise TeacherWeightsError(
-            f"cannot read teacher weights '{path}' safely ({type(err).__name__}: {err}). If the file "
-            f"comes from a source you trust, pass trust_pickle=True, or re-save only its tensors."
-        ) from err
+        obj = read_weights(path, "teacher weights", trust_pickle=trust_pickle)
+    except WeightsError as e:
+        raise TeacherWeightsError(str(e)) from None
     return unwrap_state_dict(obj)
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") for n in zf.namelist())
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:

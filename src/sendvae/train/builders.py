@@ -80,7 +80,7 @@ def build_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | Non
 def build_disc(cfg: TrainVAEConfig) -> nn.Module:
     m = cfg.model
     if m.disc_ckpt:
-        return load_discriminator(m.disc_ckpt)
+        return load_discriminator(m.disc_ckpt).train()  # loaders return eval mode; training needs train
     return NLayerDiscriminator(input_nc=3, ndf=m.disc_ndf, n_layers=m.disc_layers)
 
 

@@ -2,11 +2,14 @@
 
 NaN safety without host syncs: the gradient norm's finiteness becomes a device tensor ``found_inf`` that
 the fused AdamW kernel reads (the mechanism GradScaler uses) and skips the update with; the EMA update
-is weighted by ``1 - found_inf``. Skipped steps are counted on the device and read at log time.
+is weighted by ``1 - found_inf``, and `BufferGuard` puts back the buffers the forward pass moved
+(BatchNorm / LatentNorm statistics, LeCam EMAs). A skipped step leaves every piece of state as it was.
+Skipped steps are counted on the device and read at log time.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,7 @@ from ..config import option
 class RunConfig:
     output_dir: str = option("runs", "folder that holds the run folders")
     exp_name: str | None = option(None, "run folder name under output_dir (default: the preset name)")
-    seed: int = option(0, "global seed; rank r uses seed * world + r")
+    seed: int = option(0, "global seed: every random draw of a step comes from (seed, step, rank)")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     precision: str = option(
         "auto",
@@ -35,7 +38,7 @@ class RunConfig:
     sample_every: int = option(1000, "steps between image grids (0 = only at the end)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
     stats_images: int = option(2048, "images used to measure the per-channel latent mean/std at export")
-    fault_nan_steps: tuple[int, ...] = option((), "testing aid: steps whose loss is forced to NaN")
+    fault_nan_steps: tuple[int, ...] = option((), "testing aid: steps whose input batch is made NaN")
     fault_exit_step: int | None = option(None, "testing aid: exit abruptly (no cleanup) after this step")
 
 
@@ -58,10 +61,20 @@ def fused_adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.Ad
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip, then step unless the gradient norm is non-finite (decided on the device). Zeroes the grads.
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of every random draw of one training step on one rank (a 63-bit hash, no collisions in
+    practice): a resumed run redraws exactly what the uninterrupted run drew, for any number of ranks."""
+    digest = hashlib.blake2b(f"sendvae/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    Returns (grad norm before clipping, found_inf as a 0/1 float tensor).
+
+def optimizer_step(
+    opt: torch.optim.Optimizer, params, clip: float, skip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, then step unless the gradient norm is non-finite or ``skip`` is 1 (decided on the device).
+    Zeroes the grads.
+
+    Returns (grad norm before clipping, found_inf as a 0/1 float tensor: 1 when the step was skipped).
     """
     params = [p for p in params if p.grad is not None]
     if clip > 0:
@@ -69,6 +82,8 @@ def optimizer_step(opt: torch.optim.Optimizer, params, clip: float) -> tuple[tor
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     found_inf = (~torch.isfinite(norm)).float()
+    if skip is not None:
+        found_inf = torch.maximum(found_inf, skip)
     opt.grad_scale, opt.found_inf = None, found_inf  # read by the fused AdamW kernel
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -88,21 +103,55 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, found_inf: torch.
         eb.copy_(mb)
 
 
+class BufferGuard:
+    """The buffers of some modules as they were before a step; ``restore(skipped)`` puts them back on a
+    skipped step (a device-side select: no host sync)."""
+
+    def __init__(self, modules) -> None:
+        seen: set[int] = set()
+        self.buffers = []
+        for m in modules:
+            for b in m.buffers() if m is not None else ():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.buffers.append(b)
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def restore(self, skipped: torch.Tensor) -> None:
+        keep = skipped.bool()
+        for b, s in zip(self.buffers, self.saved):
+            b.copy_(torch.where(keep, s, b))
+
+
 class MetricSums:
-    """Sums of per-step metric tensors on the device; ``mean()`` at log time is the only sync."""
+    """Sums of per-step metric tensors on the device; ``mean()`` at log time is the only sync.
+
+    A skipped (non-finite) step adds nothing: the means are over the steps that were applied.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.count: torch.Tensor | float = 0.0  # applied steps (a device tensor once a step is added)
+        self.n = 0  # all steps
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: dict[str, torch.Tensor], skipped: torch.Tensor | None = None) -> None:
+        ok = None if skipped is None else skipped == 0
         for k, v in terms.items():
             v = v.detach().float()
+            if ok is not None:
+                v = torch.where(ok, v, torch.zeros_like(v))
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count = self.count + (1.0 if ok is None else ok.float())
         self.n += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        """Per-key means over the applied steps (NaN for a window in which every step was skipped)."""
+        out = {}
+        for k, v in self.sums.items():
+            c = torch.as_tensor(self.count, device=v.device, dtype=v.dtype)
+            out[k] = torch.where(c > 0, v / c.clamp_min(1.0), torch.full_like(v, float("nan")))
+        return out
 
     def reset(self) -> None:
-        self.sums, self.n = {}, 0
+        self.sums, self.count, self.n = {}, 0.0, 0

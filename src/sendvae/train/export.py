@@ -55,7 +55,7 @@ def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
 
 def load_mapper(export_dir: str | Path) -> Mapper:
     """Load the mapper exported beside a VAE (``export/vae``)."""
-    from safetensors.torch import load_file
+    from ..runtime.weights import read_weights
 
     d = Path(export_dir)
     meta_path = d / "mapper.json"
@@ -69,7 +69,7 @@ def load_mapper(export_dir: str | Path) -> Mapper:
         tuple(meta["teacher_grid"]),
         from_dict(MapperConfig, meta["config"]),
     )
-    m.load_state_dict(load_file(d / "mapper.safetensors"))
+    m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
     return m.eval()
 
 

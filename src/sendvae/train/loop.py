@@ -1,14 +1,21 @@
 """The loop every trainer runs: resume, step, log, checkpoint, grids, final save.
 
-A trainer subclasses ``TrainerBase`` and provides ``train_step(batch) -> dict of device tensors``,
-``state_dict()`` / ``load_state(state)`` (its models and optimizers), ``dataset`` and ``model`` (the
-module whose weights are checked before every checkpoint), and optionally ``save_grid()`` and
-``extra_log(row, img_per_s)``. The data position is the step (``StepBatchSampler``), so resuming is
-loading the newest checkpoint and starting the sampler there.
+A trainer subclasses ``TrainerBase`` and provides ``train_step(batch) -> dict of device tensors`` (with
+``"skipped"``: 1 when the step's update was skipped), ``state_dict()`` / ``load_state(state)`` (its
+models and optimizers), ``dataset`` and ``model``, and optionally ``save_grid()`` and
+``extra_log(row, img_per_s)``.
+
+Resuming is exact by construction: the data position is the step (``StepBatchSampler``) and every random
+draw of a step comes from a generator seeded with (seed, step, rank) (`step_seed`), so the newest
+checkpoint plus the step is all a run needs to continue as if never stopped, with 1 or N processes.
+A checkpoint that cannot be read is reported and the previous one is used. Nothing non-finite is ever
+written, and a run whose recent steps are mostly skipped stops with an error instead of exporting.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import sys
 import time
@@ -22,9 +29,26 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..data.sampler import StepBatchSampler
 from ..runtime import checkpoint as ckpt
-from ..runtime.distributed import DistInfo, all_reduce_mean, barrier, rank_seed
+from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..runtime.log import RunLogger
-from .common import MetricSums
+from ..runtime.weights import WeightsError
+from .common import MetricSums, step_seed
+from .resume import FREE_COMMON, refused_changes
+
+logger = logging.getLogger(__name__)
+
+DIVERGENCE_WINDOW = 8  # recent steps looked at by the divergence check
+
+
+def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating tensors in a (nested) state that hold NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix.rstrip(".")] if obj.is_floating_point() and not bool(obj.isfinite().all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in non_finite_tensors(v, f"{prefix}{k}.")]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite_tensors(v, f"{prefix}{i}.")]
+    return []
 
 
 class TrainerBase:
@@ -32,12 +56,14 @@ class TrainerBase:
     model: torch.nn.Module
     dataset: Any
     max_steps: int
+    resume_free: frozenset[str] = FREE_COMMON  # config keys a resume may change (train/resume.py)
 
     def __init__(self, cfg: Any, dist: DistInfo, run_dir: Path, logger: RunLogger):
         self.cfg, self.dist, self.run_dir, self.log = cfg, dist, Path(run_dir), logger
         self.device = dist.device
         self.step = 0
         self.nan_steps = torch.zeros((), device=self.device)
+        self.recent_skips: collections.deque[torch.Tensor] = collections.deque(maxlen=DIVERGENCE_WINDOW)
 
     # -- to provide -------------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -58,43 +84,87 @@ class TrainerBase:
     def extra_log(self, row: dict[str, Any], img_per_s: float) -> None:
         pass
 
+    def seed_step(self) -> None:
+        """Seed the global RNG for this step on this rank; the first thing every ``train_step`` does, so
+        that a step's draws depend on (seed, step, rank) alone."""
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.step, self.dist.rank))
+
     # -- state ------------------------------------------------------------------------------------------
     def full_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "config": to_dict(self.cfg),
             "nan_steps": self.nan_steps.cpu(),
-            "rng": ckpt.get_rng_state(),
             **self.state_dict(),
         }
 
     def resume(self) -> None:
-        """Load the newest checkpoint of the run folder, if any: weights, optimizers, step, RNG."""
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        """Load the newest readable checkpoint of the run folder, if any: weights, optimizers, step.
+
+        The run's config must agree with the checkpoint's except in the fields of ``resume_free``.
+        """
+        if self.dist.is_main:
+            swept = ckpt.sweep_temp_files(self.run_dir, self.run_dir / ckpt.CKPT_DIR)
+            if swept:
+                self.log.info(f"removed {len(swept)} temp file(s) of an interrupted write")
+        found = None
+        for _, path in reversed(ckpt.list_checkpoints(self.run_dir)):
+            try:
+                found = path, ckpt.load_checkpoint(path)
+                break
+            except WeightsError as e:
+                self.log.info(f"warning: skipping unreadable checkpoint {path.name} ({e})")
+        if found is None:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ValueError(
+                    f"no checkpoint in {self.run_dir / ckpt.CKPT_DIR} can be read; move them away to "
+                    "start the run anew, or use another --exp-name"
+                )
             return
-        st = ckpt.load_checkpoint(path)
+        path, st = found
+        refused = refused_changes(st.get("config", {}), to_dict(self.cfg), self.resume_free)
+        if refused:
+            raise ValueError(
+                f"run folder {self.run_dir} holds an experiment with another config "
+                f"({'; '.join(refused[:8])}); pass the same options to resume it, or a new --exp-name"
+            )
         self.load_state(st)
         self.nan_steps.fill_(float(st.get("nan_steps", 0)))
         self.step = int(st["step"])
-        if self.dist.world_size == 1:
-            ckpt.set_rng_state(st["rng"])
-        else:  # only rank 0's streams are saved; reseed every rank deterministically from the step
-            torch.manual_seed(rank_seed(self.cfg.run.seed, self.dist) + 7919 * self.step)
+        if self.dist.is_main:
+            self.log.truncate_stats(self.step)  # the steps after the checkpoint are replayed
         self.log.info(f"resumed from {path} at step {self.step}")
 
-    def save(self) -> None:
-        """Write the training state atomically (rank 0); never a checkpoint with non-finite weights."""
-        if self.dist.is_main:
-            sd = self.model.state_dict()
-            bad = [k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()]
-            if bad:
-                raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights: {bad[:5]}")
-            path = ckpt.save_training_state(
-                self.run_dir, self.step, self.full_state(), keep=self.cfg.run.keep_ckpts
+    def check_finite(self, state: dict[str, Any] | None = None) -> None:
+        """Raise FloatingPointError if any tensor of the training state is NaN or inf."""
+        bad = non_finite_tensors(self.full_state() if state is None else state)
+        if bad:
+            raise FloatingPointError(
+                f"refusing to write a checkpoint or export with non-finite values in {bad[:5]} "
+                f"(step {self.step}); the newest checkpoint in {self.run_dir / ckpt.CKPT_DIR} is intact"
             )
+
+    def save(self) -> None:
+        """Write the training state atomically (rank 0); never a checkpoint with a non-finite tensor."""
+        if self.dist.is_main:
+            state = self.full_state()
+            self.check_finite(state)
+            path = ckpt.save_training_state(self.run_dir, self.step, state, keep=self.cfg.run.keep_ckpts)
             self.log.info(f"saved {path}")
         barrier()
+
+    def check_divergence(self) -> None:
+        """Stop when more than half of the recent steps (at least 2) were skipped as non-finite."""
+        if not self.recent_skips:
+            return
+        n, k = len(self.recent_skips), int(torch.stack(list(self.recent_skips)).sum())
+        if k >= 2 and k > n / 2:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise FloatingPointError(
+                f"{k} of the last {n} steps (to step {self.step}) had non-finite gradients and were "
+                "skipped: training has diverged (lower --optim.lr or check the data); stopped without "
+                f"exporting" + (f", the newest checkpoint is {last}" if last else "")
+            )
 
     # -- loop -------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -137,7 +207,11 @@ class TrainerBase:
             disable=not (self.dist.is_main and sys.stderr.isatty()),
         )
         for batch in self.loader():
-            sums.add(self.train_step(batch))
+            terms = self.train_step(batch)
+            skipped = terms.pop("skipped")
+            self.nan_steps += skipped
+            self.recent_skips.append(skipped.detach())
+            sums.add(terms, skipped)
             self.step += 1
             bar.update(1)
             if self.step % run.log_every == 0 or self.step == self.max_steps:
@@ -168,3 +242,4 @@ class TrainerBase:
             row["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.extra_log(row, img_s)
         self.log.stats(self.step, row)
+        self.check_divergence()

@@ -26,11 +26,12 @@ from ..diffusion.sampling import euler_sample
 from ..diffusion.transport import sample_t, training_losses
 from ..models.sit import SiT, SiTConfig, flops_per_image, sit_config
 from ..runtime import checkpoint as ckpt
-from ..runtime.distributed import DistInfo, rank_seed
+from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
-from .common import autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
+from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
 from .loop import TrainerBase
+from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
 
 
@@ -111,6 +112,8 @@ def measured_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10)
 
 
 class SiTTrainer(TrainerBase):
+    resume_free = FREE_SIT
+
     def __init__(self, cfg: TrainSiTConfig, dist: DistInfo, run_dir: Path, logger: RunLogger):
         super().__init__(cfg, dist, run_dir, logger)
         dev = self.device
@@ -174,7 +177,6 @@ class SiTTrainer(TrainerBase):
             self.feat_grid = (g, g)  # resampled to the SiT's token grid each step
 
         self.dataset = self.store if self.teacher is None else LatentsWithImages(self.store)
-        torch.manual_seed(rank_seed(cfg.run.seed, dist))  # (step noise has its own generator)
         self.resume()
         self.ddp = (
             DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -220,11 +222,14 @@ class SiTTrainer(TrainerBase):
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         cfg, dev = self.cfg, self.device
+        self.seed_step()  # any draw outside step_noise (none today) is still a function of the step
         moments, labels = batch[0].to(dev, non_blocking=True), batch[-1].to(dev, non_blocking=True)
         n = self.step_noise(tuple(self.store.latent_shape))
         m = select_flip(moments, n["flip"]).float()  # (B, 2 (mean, std), C, h, w)
         z = m[:, 0] + m[:, 1] * n["z_eps"] if cfg.data.sample_posterior else m[:, 0]
         z = self.store.normalize(z)  # (B, C, h, w), what the SiT models
+        if self.step in cfg.run.fault_nan_steps:  # testing aid: a corrupt batch
+            z = z * float("nan")
         y = torch.zeros_like(labels) if cfg.model.unconditional else labels
         tokens = None
         if self.teacher is not None:  # online: the flipped source images through the teacher
@@ -245,16 +250,15 @@ class SiTTrainer(TrainerBase):
             return self.fwd(x, t, y, force_drop_ids=drop, **kw)
 
         amp = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        state = BufferGuard([self.model])
         with amp:
             out = training_losses(model, z, y, tokens, cfg.transport, t=n["t"], noise=n["eps"])
         loss = out["loss"]
-        if self.step in cfg.run.fault_nan_steps:
-            loss = loss * float("nan")
         loss.backward()
         norm, bad = optimizer_step(self.opt, self.model.parameters(), cfg.optim.grad_clip)
+        state.restore(bad)
         ema_update(self.ema, self.model, cfg.model.ema_decay, found_inf=bad)
-        self.nan_steps += bad
-        terms = {"loss": loss.detach(), "denoise": out["denoise"].detach(), "grad_norm": norm}
+        terms = {"loss": loss.detach(), "denoise": out["denoise"].detach(), "grad_norm": norm, "skipped": bad}
         if self.repa:
             terms["proj"] = out["proj"].detach()
             terms["cos"] = -out["proj"].detach()

@@ -2,11 +2,14 @@
 
 Per step: generator update (VAE + mapper, all loss terms), then discriminator update. To resume,
 run the same command again: the newest checkpoint in the run folder restores models, EMA,
-optimizers, LeCam state, step, RNG states; the data position is the step (see StepBatchSampler).
+optimizers, LeCam state and step; the data position and every random draw follow from the step (see
+train/loop.py).
 
 No host syncs in the hot loop: metrics accumulate on the device and are read every ``log_every``
 steps; a non-finite gradient norm skips the optimizer step on the device (the fused AdamW
-``found_inf`` mechanism, as under a GradScaler) and is counted, so NaN steps never reach the weights.
+``found_inf`` mechanism, as under a GradScaler) and is counted, and the buffers the forward pass moved
+(the mapper's LatentNorm, the PatchGAN's BatchNorm, LeCam) are put back, so a NaN batch changes no state.
+A skipped generator step skips the discriminator step too; the step counts once in ``nan_steps``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data import build_dataset, to_float
 from ..losses.vae_loss import VAELoss
-from ..runtime.distributed import DistInfo, rank_seed
+from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
 from .builders import build_disc, build_head, build_lpips_for, build_teacher_for, build_vae_for
-from .common import autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
+from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
 from .loop import TrainerBase
+from .resume import FREE_VAE
 from .vae_config import TrainVAEConfig
 from .vae_model import SendVAEModel
 
@@ -41,6 +45,8 @@ def total_steps(cfg: TrainVAEConfig, dataset_len: int) -> int:
 
 
 class VAETrainer(TrainerBase):
+    resume_free = FREE_VAE
+
     def __init__(self, cfg: TrainVAEConfig, dist: DistInfo, run_dir: Path, logger: RunLogger):
         super().__init__(cfg, dist, run_dir, logger)
         dev = self.device
@@ -80,7 +86,6 @@ class VAETrainer(TrainerBase):
         if self.disc is not None:
             self.opt_d = fused_adamw(self.disc.parameters(), o.disc_lr or o.lr, o.betas, o.weight_decay)
 
-        torch.manual_seed(rank_seed(cfg.run.seed, dist))  # per-rank noise, flips, posterior samples
         self.resume()
 
         self.ddp_model = self.model
@@ -125,9 +130,12 @@ class VAETrainer(TrainerBase):
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         """One generator + discriminator update on a batch of uint8 images (or (images, labels))."""
         cfg, dev = self.cfg, self.device
+        self.seed_step()  # flips, posterior samples and mapper noise: functions of (seed, step, rank)
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
         x = to_float(batch.to(dev, non_blocking=True))
+        if self.step in cfg.run.fault_nan_steps:  # testing aid: a corrupt batch
+            x = x * float("nan")
         if cfg.data.hflip:
             flip = torch.rand(x.shape[0], device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -139,6 +147,8 @@ class VAETrainer(TrainerBase):
         amp = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
         # ---- generator: VAE + alignment head
+        g_state = BufferGuard([self.model])  # LatentNorm statistics move in the forward pass
+        d_state = BufferGuard([self.disc, self.loss])  # BatchNorm (also in the generator's D pass), LeCam
         if self.disc is not None:
             self.disc.requires_grad_(False)
         with amp:
@@ -155,12 +165,10 @@ class VAETrainer(TrainerBase):
             dec_last=vae.decoder.conv_out.weight,
             enc_last=vae.encoder.conv_out.weight,
         )
-        if self.step in cfg.run.fault_nan_steps:
-            loss = loss * float("nan")
         loss.backward()
         gnorm, bad = optimizer_step(self.opt_g, self.model.parameters(), cfg.optim.grad_clip)
+        g_state.restore(bad)
         terms["grad_norm"] = gnorm
-        self.nan_steps += bad
         if self.ema is not None:
             ema_update(self.ema, vae, cfg.model.ema_decay, found_inf=bad)
 
@@ -170,9 +178,10 @@ class VAETrainer(TrainerBase):
             with amp:
                 d_loss, d_terms = self.loss.discriminator(self.ddp_disc, x, recon)
             d_loss.backward()
-            dnorm, dbad = optimizer_step(self.opt_d, self.disc.parameters(), cfg.optim.grad_clip)
+            dnorm, bad = optimizer_step(self.opt_d, self.disc.parameters(), cfg.optim.grad_clip, skip=bad)
             terms.update(d_terms, d_grad_norm=dnorm)
-            self.nan_steps += dbad
+        d_state.restore(bad)
+        terms["skipped"] = bad  # 1 when the generator or the discriminator update was skipped
         return terms
 
     @property
