@@ -197,3 +197,96 @@ def test_wrong_file_is_rejected(tmp_path, standard_files):
     trunk_path, lin_path, _ = standard_files["vgg"]
     with pytest.raises(LPIPSWeightsError, match=r"wrong shape \['features.0.weight'"):
         build_lpips("lpips", "alex", weights=lin_path, trunk_weights=trunk_path)
+
+
+def _joint_pass(model: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The earlier forward: one trunk pass over cat([x, y]), both halves in the autograd graph."""
+    b = x.shape[0]
+    h = (torch.cat([x, y]).float() - model.shift) / model.scale
+    dist = torch.zeros(b)
+    level = 0
+    for i, layer in enumerate(model.features):
+        h = layer(h)
+        if i != model.taps[level]:
+            continue
+        f = h.float() * torch.rsqrt(h.float().square().sum(1, keepdim=True) + 1e-20)
+        dist = dist + ((f[:b] - f[b:]).square().mean((2, 3)) * model.lins[level].weight.view(1, -1)).sum(1)
+        level += 1
+        if level == len(model.taps):
+            break
+    return dist
+
+
+def _saved_activation_bytes(model: LPIPS, fn) -> int:
+    """Bytes of the activations (not the weights) autograd keeps for the backward pass while fn() runs."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.data_ptr() not in weights:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("variant, net", [("lpips", "vgg"), ("stlpips", "alex")])
+def test_target_pass_builds_no_graph_same_value_and_gradient(variant: str, net: str):
+    torch.manual_seed(0)
+    model = LPIPS(variant, net, pretrained=False)
+    x, y = _images(6, b=2, hw=32)
+    recon = x.clone().requires_grad_(True)  # the reconstruction; y is the target
+    # Reference: the joint pass of both halves, its value and its gradient w.r.t. the reconstruction.
+    ref = _joint_pass(model, recon, y)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), recon)
+    # Which trunk outputs carry a graph: a forward hook on every tap layer.
+    seen: list[tuple[int, bool]] = []
+    hooks = [
+        model.features[t].register_forward_hook(lambda m, i, o: seen.append((o.shape[0], o.grad_fn is None)))
+        for t in model.taps
+    ]
+    got = model(recon, y)
+    for h in hooks:
+        h.remove()
+    (got_grad,) = torch.autograd.grad(got.sum(), recon)
+    assert ref.min() > 1e-4
+    assert (got - ref.detach()).abs().max() <= 1e-6
+    # The gradient is small (about 1e-4 here): within 1e-6 absolute is loose, so hold it to 1e-5 relative.
+    assert (got_grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+    # Each tap saw the reconstruction (with a graph) and the target (without one), never a joint batch.
+    assert sorted(seen) == sorted([(2, False), (2, True)] * len(model.taps)), seen
+    # So autograd keeps about half as much: only the reconstruction's activations.
+    joint = _saved_activation_bytes(model, lambda: _joint_pass(model, recon, y))
+    split = _saved_activation_bytes(model, lambda: model(recon, y))
+    assert split < 0.6 * joint, (split, joint)
+
+
+def test_target_that_requires_grad_still_gets_one():
+    torch.manual_seed(0)
+    model = LPIPS("lpips", "vgg", pretrained=False)
+    x, y = _images(7, hw=32)
+    y.requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x, y).sum(), y)
+    (g_ref,) = torch.autograd.grad(_joint_pass(model, x, y).sum(), y)
+    assert g.abs().sum() > 0 and (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()
+
+
+def test_standard_files_found_in_the_usual_places(tmp_path, monkeypatch, standard_files):
+    import sendvae.losses.lpips as lp
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    assert lp.find_standard_files("vgg")[0] is None  # an empty hub cache
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir(parents=True)
+    trunk_path, lin_path, _ = standard_files["vgg"]
+    cached.write_bytes(trunk_path.read_bytes())
+    monkeypatch.setattr(lp, "lin_package_path", lambda net: lin_path)  # stands in for an installed lpips
+    assert lp.find_standard_files("vgg") == (cached, lin_path)
+    assert lp.find_standard_files("vgg", trunk_weights=tmp_path / "nope.pth") == (None, lin_path)
+    x, y = _images(8, hw=32)
+    explicit = build_lpips("lpips", "vgg", weights=lin_path, trunk_weights=trunk_path)
+    with torch.no_grad():
+        assert torch.equal(build_lpips("lpips", "vgg")(x, y), explicit(x, y))

@@ -34,6 +34,8 @@ def run_dir(tmp_path_factory) -> Path:
     st = LatentStore(store)
     cfg = TrainSiTConfig()
     cfg.data.store, cfg.model.vae = str(store), "tiny-f4d4"
+    cfg.latents.mean, cfg.latents.std = st.stats.mean, st.stats.std  # recorded at step 0 by train-sit
+    cfg.latents.vae_fingerprint = st.vae_fingerprint
     torch.manual_seed(0)
     mcfg = SiTConfig(
         input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
@@ -155,7 +157,8 @@ def test_original_sit_checkpoint_samples_like_sits_own_sampler(tmp_path):
     torch.save(sd, path)  # the released file is a bare state dict
     out = tmp_path / "out"
     args = ["--model", str(path), "--vae", "tiny-f4d4", "--num-samples", "6", "--batch-size", "4", "--seed",
-            "3", "--steps", "6", "--output", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
+            "3", "--steps", "6", "--output", str(out), "--no-progress", "--device", "cpu",
+                "--latent-stats", "vae"]  # fmt: skip
     assert main(args) == 0
     (npz,) = out.glob("*.npz")
     with np.load(npz) as z:

@@ -38,6 +38,7 @@ def bench_train_vae(
         "model.vae": vae,
         "teacher.enc_type": enc_type,
         "teacher.random_init": True,
+        "loss.lpips_random_init": True,  # the paper's LPIPS-VGG cost, without its weight files
         "data.name": "shapes",
         "data.resolution": resolution,
         "optim.batch_size": batch,

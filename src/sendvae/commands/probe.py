@@ -138,7 +138,7 @@ def store_features(store, n: int) -> np.ndarray:
     out = []
     for s in range(0, n, 4096):
         m = store.gather(np.arange(s, min(s + 4096, n)))  # (b, 2 flips, 2 [mean, std], C, h, w)
-        out.append(store.normalize(m[:, 0, 0].float()).flatten(1).numpy())
+        out.append(store.stats.normalize(m[:, 0, 0].float()).flatten(1).numpy())
     return np.concatenate(out)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..diffusion.sampling import SamplerConfig, sample
+from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
 
 NAME = "sample"
@@ -40,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-config", help="VAE preset naming the architecture of a checkpoint without config")
     p.add_argument(
         "--latent-stats",
-        help="latent mean/std: a latent store folder or a stats file (default: the export's latents.json, "
-        "the run's latent store, else the VAE's own)",
+        help="latent mean/std for a SiT that records none (REPA / REPA-E / SiT checkpoints): a latent store, "
+        "a latents.json or stats file, or 'vae' for the VAE's own; our runs use the ones they were trained "
+        "with",
     )
     p.add_argument("--num-samples", type=int, default=50000, help="images to make (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch, per process")
@@ -70,21 +72,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # -- model, VAE and latent statistics ----------------------------------------------------------------------
 
 
-def _stats_from(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, str | None]:
-    """(mean, std, VAE fingerprint or None) from a latent store folder, an export folder or a stats file."""
-    from ..data.latent_store import read_manifest
+def _stats_from(path: str | Path) -> LatentStats:
+    """Latent statistics from a latent store folder, a SiT export folder or a stats file (json / tensors)."""
+    from ..data.latent_store import LatentStore
     from ..models.vae_io import load_latent_stats
 
     path = Path(path)
     if (path / "manifest.json").exists():
-        m = read_manifest(path)
-        s = m["latent_stats"]
-        return torch.tensor(s["mean"]), torch.tensor(s["std"]), m["vae"]["fingerprint"]
+        return LatentStore(path).stats
     if path.is_dir():
         path = path / "latents.json"
+    if path.suffix == ".json" and path.is_file():
+        return LatentStats.from_dict(json.loads(path.read_text()))
     mean, std = load_latent_stats(path)
-    fp = json.loads(path.read_text()).get("vae_fingerprint") if path.suffix == ".json" else None
-    return mean, std, fp
+    return LatentStats.from_tensors(mean, std)
+
+
+def _trained_stats(cfg: dict[str, Any]) -> LatentStats | None:
+    """The statistics a train-sit config recorded at step 0 (None for a run made before they were)."""
+    lat = cfg.get("latents") or {}
+    if lat.get("mean") is None or lat.get("std") is None:
+        return None
+    return LatentStats(tuple(lat["mean"]), tuple(lat["std"]), lat.get("vae_fingerprint"))
 
 
 def _from_train_state(raw: dict[str, Any], weights: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -94,17 +103,17 @@ def _from_train_state(raw: dict[str, Any], weights: str) -> tuple[torch.nn.Modul
     model = SiT(SiTConfig.from_dict(raw["model_config"]))
     model.load_state_dict(raw[weights])
     cfg = raw.get("config") or {}
-    store = (cfg.get("data") or {}).get("store")
     info = {
         "vae": (cfg.get("model") or {}).get("vae"),
         "vae_config": (cfg.get("model") or {}).get("vae_config"),
-        "stats": store if store and Path(store).exists() else None,
+        "stats": _trained_stats(cfg),
+        "stats_from": "the checkpoint's config (latents.*)",
     }
     return model, info
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The SiT, and what its source says: name, source, vae, vae_config, stats (a path or None)."""
+    """The SiT, and what its source says: name, source, vae, vae_config, stats (the trained ones or None)."""
     from ..models.sit_io import load_sit
 
     if args.model:
@@ -118,8 +127,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any
             model, more = _from_train_state(raw, args.weights)
             return model, {**info, **more}
         model = load_sit(path, weights=args.weights)
-        stats = path if (path.is_dir() and (path / "latents.json").exists()) else None
-        return model, {**info, "vae": None, "stats": stats}
+        stats, where = None, str(path)
+        if path.is_dir() and (path / "latents.json").exists():  # our export
+            stats, where = _stats_from(path), str(path / "latents.json")
+        return model, {**info, "vae": None, "stats": stats, "stats_from": where}
     run = Path(args.exp_path)
     found = dict(ckpt.list_checkpoints(run))
     if not found:
@@ -128,9 +139,6 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any
     if step not in found:
         raise FileNotFoundError(f"{run} has no checkpoint of step {step}; it has steps {sorted(found)}")
     model, info = _from_train_state(ckpt.load_checkpoint(found[step]), args.weights)
-    export = run / "export" / "sit"
-    if info["stats"] is None and (export / "latents.json").exists():
-        info["stats"] = export
     return model, {
         **info,
         "name": f"{run.name}-{step:07d}-{args.weights}",
@@ -138,8 +146,34 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any
     }
 
 
+def resolve_stats(trained: LatentStats | None, given: str | None, vae, source: str) -> LatentStats:
+    """The statistics to decode with: exactly the ones the SiT was trained with; never a guess.
+
+    ``given`` (--latent-stats: a store, export or stats file, or "vae" for the VAE's own) is for SiTs
+    that carry none (REPA / REPA-E / SiT checkpoints); for our own runs it must agree with the trained ones.
+    """
+    if given is not None:
+        if given == "vae":
+            explicit = LatentStats.from_tensors(vae.latent_mean, vae.latent_std)
+        else:
+            explicit = _stats_from(given)
+        if trained is not None and not trained.same_values(explicit):
+            raise ValueError(
+                f"--latent-stats {given} differs from the statistics this SiT was trained with "
+                f"({source}); drop --latent-stats"
+            )
+        return trained or explicit
+    if trained is None:
+        raise ValueError(
+            f"{source} does not record the latent statistics its SiT was trained with: pass "
+            "--latent-stats STORE_OR_FILE (the latent store it was trained on, or a latents.json), or "
+            "--latent-stats vae for the VAE's own"
+        )
+    return trained
+
+
 def load_vae_and_stats(args: argparse.Namespace, info: dict[str, Any]):
-    """(VAE, latent mean (C,), std (C,)); the VAE is checked against the latents' fingerprint if known."""
+    """(VAE, LatentStats); the VAE is checked against the latents' fingerprint when it is known."""
     from ..data.latent_store import vae_fingerprint
     from ..models.vae_io import load_vae
 
@@ -147,21 +181,18 @@ def load_vae_and_stats(args: argparse.Namespace, info: dict[str, Any]):
     if not vae_src:
         raise ValueError("which VAE decodes these latents? the run names none: pass --vae PATH_OR_PRESET")
     torch.manual_seed(0)  # a preset (random weights; tests) is then the same VAE in every process
-    vae = load_vae(vae_src, config=args.vae_config or info.get("vae_config")).eval().requires_grad_(False)
-    stats_src = args.latent_stats or info.get("stats")
-    if stats_src:
-        mean, std, fp = _stats_from(stats_src)
-    else:
-        mean, std, fp = vae.latent_mean.clone(), vae.latent_std.clone(), None
-        print(f"latent statistics: the VAE's own ({vae_src}); pass --latent-stats to choose", flush=True)
+    vae = load_vae(vae_src, config=args.vae_config or info.get("vae_config")).requires_grad_(False)
+    stats = resolve_stats(info.get("stats"), args.latent_stats, vae, info.get("stats_from", info["source"]))
+    fp = stats.vae_fingerprint
     if fp is not None and fp != vae_fingerprint(vae):
         raise ValueError(
-            f"the VAE {vae_src} is not the one the SiT's latents came from ({stats_src} names VAE weights "
-            f"{fp[:12]}..., this VAE has {vae_fingerprint(vae)[:12]}...); pass the right --vae"
+            f"the VAE {vae_src} is not the one the SiT's latents came from (its statistics name VAE "
+            f"weights {fp[:12]}..., this VAE has {vae_fingerprint(vae)[:12]}...); pass the right --vae"
         )
-    if mean.numel() != vae.latent_channels:
-        raise ValueError(f"latent statistics for {mean.numel()} channels, the VAE has {vae.latent_channels}")
-    return vae, mean.float(), std.float()
+    if stats.channels != vae.latent_channels:
+        c = vae.latent_channels
+        raise ValueError(f"latent statistics for {stats.channels} channels, the VAE has {c}")
+    return vae, stats
 
 
 # -- labels, names and parts ---------------------------------------------------------------------------------
@@ -237,9 +268,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, info = load_model(args)
         model = model.to(dist.device).eval().requires_grad_(False)
-        vae, mean, std = load_vae_and_stats(args, info)
+        vae, stats = load_vae_and_stats(args, info)
         vae = vae.to(dist.device)
-        mean, std = (t.to(dist.device).view(1, -1, 1, 1) for t in (mean, std))
         mc = model.config
         n = args.num_samples
         labels_all = make_labels(n, mc.num_classes, args.seed, args.label_sampling)
@@ -287,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             y = labels_all[idx].to(dist.device)
             z = sample(model, y, [args.seed + i for i in idx], scfg)  # (B, C, h, w), normalised latents
             with torch.no_grad():
-                x = vae.decode(z * std + mean).float()  # (B, 3, H, W) in [-1, 1]
+                x = vae.decode(stats.denormalize(z)).float()  # (B, 3, H, W) in [-1, 1]
             bad = [i for i, ok in zip(idx, x.flatten(1).isfinite().all(1).tolist()) if not ok]
             if bad:
                 raise FloatingPointError(f"non-finite samples at indices {bad[:20]} (seeds seed + index)")

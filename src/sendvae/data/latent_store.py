@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from sendvae.models.latent_stats import LatentStats
 from sendvae.runtime.checkpoint import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -228,8 +229,10 @@ class LatentStore(Dataset):
         self._offsets = np.cumsum([0] + [s["count"] for s in self.shards])  # shard k: [off[k], off[k+1])
         self.labels = np.concatenate([np.load(self.root / s["files"]["labels"]) for s in self.shards])
         stats = self.manifest["latent_stats"]
-        self.latent_mean = torch.tensor(stats["mean"], dtype=torch.float32)  # (C,)
-        self.latent_std = torch.tensor(stats["std"], dtype=torch.float32)
+        # exact moments over every image and its mirror (cache-latents); what a SiT trained here uses
+        self.stats = LatentStats(
+            tuple(stats["mean"]), tuple(stats["std"]), self.manifest["vae"]["fingerprint"]
+        )
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._pid = os.getpid()
 
@@ -264,17 +267,6 @@ class LatentStore(Dataset):
                 f"{self.vae_fingerprint} (from {src}), this VAE {fp}. Cache the latents again with this "
                 f"VAE (`sendvae cache-latents --vae ...`) or use the VAE the store came from"
             )
-
-    # -- normalisation
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """(z - mean) / std per channel, with the store's statistics: what the diffusion model sees."""
-        mean, std = (t.to(z.device, z.dtype).view(1, -1, 1, 1) for t in (self.latent_mean, self.latent_std))
-        return (z - mean) / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """z * std + mean: back to raw latents for the VAE decoder."""
-        mean, std = (t.to(z.device, z.dtype).view(1, -1, 1, 1) for t in (self.latent_mean, self.latent_std))
-        return z * std + mean
 
     # -- access
     def __len__(self) -> int:
@@ -344,7 +336,7 @@ class LatentStore(Dataset):
             moments = self.gather(idx).to(device, non_blocking=True)
             z = draw_latents(moments, generator=g)
             labels = torch.from_numpy(self.labels[idx]).to(device)
-            yield (self.normalize(z) if normalize else z), labels
+            yield (self.stats.normalize(z) if normalize else z), labels
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}

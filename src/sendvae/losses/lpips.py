@@ -11,17 +11,23 @@ Two weight sources, neither downloaded at run time:
   itself imports IPython and torchsummary without declaring them, so it is never imported. Its trunks are
   anti-aliased: stride-1 max-pools followed by a reflect-padded [1,2,1]^2 blur with stride 2.
 - "lpips" (the standard metric, v0.1): a torchvision ImageNet trunk file the user provides
-  (vgg16-397923af.pth / alexnet-owt-7be5be79.pth) and the lpips package's lin heads (weights/v0.1/{net}.pth,
-  found in an installed `lpips` package when not given).
+  (vgg16-397923af.pth / alexnet-owt-7be5be79.pth; found in torch's hub cache, where torchvision keeps it,
+  when not given) and the lpips package's lin heads (weights/v0.1/{net}.pth, found in an installed
+  `lpips` package when not given). `find_standard_files` says which of the two are on disk.
 
 Default trunk: VGG. The LPIPS authors recommend AlexNet for evaluation and VGG when the distance is used
 as a training loss (closer to a classic perceptual loss); LDM/taming, REPA-E and Send-VAE train with
 LPIPS-VGG. AlexNet is about 4x cheaper and is offered for small runs.
+
+As a training loss the second argument is the target: its trunk pass builds no autograd graph (unless it
+requires a gradient itself), which keeps about half of the activations LPIPS would otherwise hold for
+the backward pass, with the same value and the same gradient w.r.t. the reconstruction.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 from pathlib import Path
 
@@ -41,7 +47,7 @@ _CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 # Smallest image side each trunk accepts (its deepest pooling / reflect padding still needs a pixel).
 _MIN_SIZE = {("stlpips", "vgg"): 18, ("stlpips", "alex"): 21, ("lpips", "vgg"): 16, ("lpips", "alex"): 31}
-_TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 
 class LPIPSWeightsError(FileNotFoundError):
@@ -126,6 +132,29 @@ def stlpips_weights_path(net: str) -> Path:
     return path
 
 
+def trunk_cache_path(net: str) -> Path:
+    """Where torchvision keeps its ImageNet trunk file: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[net]
+
+
+def lin_package_path(net: str) -> Path | None:
+    """The lin-head file of an installed `lpips` package (weights/v0.1/<net>.pth), or None."""
+    return _package_file("lpips", "weights", "v0.1", f"{net}.pth")
+
+
+def find_standard_files(
+    net: str, weights: str | Path | None = None, trunk_weights: str | Path | None = None
+) -> tuple[Path | None, Path | None]:
+    """(trunk, lin heads) files of standard LPIPS-`net`, each None when it is not on disk.
+
+    A path given is used as is; otherwise the trunk is looked for in torch's hub cache and the heads in
+    the installed `lpips` package. Nothing is downloaded.
+    """
+    trunk = Path(trunk_weights).expanduser() if trunk_weights is not None else trunk_cache_path(net)
+    lins = Path(weights).expanduser() if weights is not None else lin_package_path(net)
+    return (trunk if trunk.is_file() else None), (lins if lins is not None and lins.is_file() else None)
+
+
 def _load_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -152,10 +181,20 @@ def _remap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _unit_channels(h: torch.Tensor) -> torch.Tensor:
+    """fp32 activations (B, C, h, w) scaled to unit-length channel vectors per position.
+
+    The eps inside the root keeps the gradient finite at 0.
+    """
+    f = h.float()
+    return f * torch.rsqrt(f.square().sum(1, keepdim=True) + 1e-20)
+
+
 class LPIPS(nn.Module):
     """Frozen perceptual distance: forward(x, y) -> (B,) for images in [-1, 1], NCHW.
 
-    Always in eval mode with no trainable parameters; differentiable w.r.t. both inputs. Under autocast
+    Always in eval mode with no trainable parameters; differentiable w.r.t. x, and w.r.t. y only when y
+    requires a gradient (y is the target of a training loss: no graph is built for it). Under autocast
     the trunk convolutions run in low precision; the scaling layer, feature normalisation, squared
     differences and head sums run in fp32. Keep the module itself in fp32 (autocast does the casting).
     Weights: see build_lpips; pretrained=False gives random weights, for tests only.
@@ -197,19 +236,20 @@ class LPIPS(nn.Module):
             state = _remap(_load_file(path, "ST-LPIPS network"))
             sources = str(path)
         else:
-            if trunk_weights is None:
+            found_trunk, found_lins = find_standard_files(self.net, weights, trunk_weights)
+            if trunk_weights is None and found_trunk is None:
                 raise LPIPSWeightsError(
                     f"standard LPIPS-{self.net} needs trunk_weights=PATH to the torchvision ImageNet "
-                    f"{self.net} state dict ({_TORCHVISION_FILES[self.net]}, usually in "
-                    "~/.cache/torch/hub/checkpoints/); it is never downloaded here"
+                    f"{self.net} state dict ({TORCHVISION_FILES[self.net]}; not in "
+                    f"{trunk_cache_path(self.net).parent}); it is never downloaded here"
                 )
-            if weights is None:
-                weights = _package_file("lpips", "weights", "v0.1", f"{self.net}.pth")
-                if weights is None or not weights.is_file():
-                    raise LPIPSWeightsError(
-                        f"standard LPIPS-{self.net} needs weights=PATH to its lin heads (the lpips package's "
-                        f"weights/v0.1/{self.net}.pth); `pip install lpips` provides them"
-                    )
+            if weights is None and found_lins is None:
+                raise LPIPSWeightsError(
+                    f"standard LPIPS-{self.net} needs weights=PATH to its lin heads (the lpips package's "
+                    f"weights/v0.1/{self.net}.pth); `pip install lpips` provides them"
+                )
+            trunk_weights = trunk_weights if trunk_weights is not None else found_trunk
+            weights = weights if weights is not None else found_lins
             trunk = _remap(_load_file(trunk_weights, "trunk"))
             lins = _remap(_load_file(weights, "LPIPS lin"))
             trunk = {k: v for k, v in trunk.items() if k.startswith("features.")}
@@ -233,7 +273,14 @@ class LPIPS(nn.Module):
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, net={self.net!r}, taps={self.taps}"
 
+    def _trunk(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Trunk layers start .. stop - 1 applied to h."""
+        for layer in itertools.islice(self.features, start, stop):
+            h = layer(h)
+        return h
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance (B,) between images x and y (B, 3, H, W) in [-1, 1]; y is the target."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"expected two (B, 3, H, W) images of one shape, got {tuple(x.shape)}, {tuple(y.shape)}"
@@ -242,22 +289,22 @@ class LPIPS(nn.Module):
             raise ValueError(
                 f"{self.variant}-{self.net} needs images of at least {self.min_size} px a side, got {x.shape}"
             )
-        b = x.shape[0]
-        h = (torch.cat([x, y]).float() - self.shift) / self.scale  # (2B, 3, H, W), one trunk pass for both
-        dist = x.new_zeros(b, dtype=torch.float32)
-        level = 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i != self.taps[level]:
-                continue
-            f = h.float()  # (2B, C, h, w)
-            # Unit-length channel vectors per position; eps inside the root keeps the gradient finite at 0.
-            f = f * torch.rsqrt(f.square().sum(1, keepdim=True) + 1e-20)
-            diff = (f[:b] - f[b:]).square().mean((2, 3))  # (B, C): spatial mean before the 1x1 head
-            dist = dist + (diff * self.lins[level].weight.view(1, -1).float()).sum(1)
-            level += 1
-            if level == len(self.taps):
-                break
+        # The target y gets no graph unless it asks for a gradient: run separately (same numbers as one
+        # pass over cat([x, y]), with nothing of y's trunk pass kept for the backward).
+        target_grad = torch.is_grad_enabled() and y.requires_grad
+        hx = (x.float() - self.shift) / self.scale  # (B, 3, H, W)
+        with torch.set_grad_enabled(target_grad):
+            hy = (y.float() - self.shift) / self.scale
+        dist = x.new_zeros(x.shape[0], dtype=torch.float32)
+        start = 0
+        for tap, lin in zip(self.taps, self.lins):
+            hx = self._trunk(hx, start, tap + 1)
+            with torch.set_grad_enabled(target_grad):
+                hy = self._trunk(hy, start, tap + 1)
+                fy = _unit_channels(hy)  # (B, C, h, w)
+            diff = (_unit_channels(hx) - fy).square().mean((2, 3))  # (B, C): spatial mean before the head
+            dist = dist + (diff * lin.weight.view(1, -1).float()).sum(1)
+            start = tap + 1
         return dist
 
 
@@ -266,11 +313,15 @@ def build_lpips(
     net: str = "vgg",
     weights: str | Path | None = None,
     trunk_weights: str | Path | None = None,
+    pretrained: bool = True,
 ) -> LPIPS:
     """The LPIPS used by training and evaluation.
 
     variant "stlpips": offline default, weights from `stlpips-pytorch` (or `weights`, a full network file).
-    variant "lpips": the standard metric; `trunk_weights` = torchvision ImageNet state dict (required),
-    `weights` = lpips v0.1 lin heads (defaults to the installed `lpips` package's file).
+    variant "lpips": the standard metric; `trunk_weights` = torchvision ImageNet state dict (default: the
+    file in torch's hub cache), `weights` = lpips v0.1 lin heads (default: the installed `lpips` package's
+    file). pretrained=False: random weights of the same network (tests and benchmarks only).
     """
-    return LPIPS(variant=variant, net=net, weights=weights, trunk_weights=trunk_weights)
+    return LPIPS(
+        variant=variant, net=net, weights=weights, trunk_weights=trunk_weights, pretrained=pretrained
+    )

@@ -152,7 +152,8 @@ class LatentNorm(nn.Module):
 
     'running': BatchNorm without affine. Training uses the batch statistics (pooled over all DDP ranks,
       gradients flow through them as in BatchNorm / SyncBatchNorm) and updates an EMA used in eval.
-    'fixed': the VAE's latent statistics, loaded with `set_stats`, in training and eval alike.
+    'fixed': the VAE's latent statistics, loaded with `set_stats` before the first step, in training and
+      eval alike; never updated (training sets them in `train.builders.build_head`).
     'none': identity (cast to fp32).
     """
 
@@ -168,8 +169,18 @@ class LatentNorm(nn.Module):
 
     @torch.no_grad()
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.running_mean.copy_(torch.as_tensor(mean).flatten())
-        self.running_var.copy_(torch.as_tensor(std).flatten() ** 2)
+        """Per-channel latent mean and std (C,) (e.g. the VAE's latent_mean / latent_std); stored as var."""
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        c = self.running_mean.numel()
+        if mean.numel() != c or std.numel() != c:
+            raise ValueError(
+                f"latent stats need {c} values each, got mean {mean.numel()} and std {std.numel()}"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("latent stats must be finite with std > 0")
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(std**2)
         self.stats_set.fill_(True)
 
     def batch_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

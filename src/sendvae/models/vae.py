@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .latent_stats import denormalize, normalize
+
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior log-variance
 
 
@@ -377,14 +379,12 @@ class AutoencoderKL(nn.Module):
     # -- latent statistics -------------------------------------------------------------------------------
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """(z - mean) / std per channel: the latents the diffusion model sees."""
-        mean, std = (t.to(z.dtype).view(1, -1, 1, 1) for t in (self.latent_mean, self.latent_std))
-        return (z - mean) / std
+        """(z - mean) / std per channel with the VAE's own statistics (`models/latent_stats.py`)."""
+        return normalize(z, self.latent_mean, self.latent_std)
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalize_latents`: z * std + mean."""
-        mean, std = (t.to(z.dtype).view(1, -1, 1, 1) for t in (self.latent_mean, self.latent_std))
-        return z * std + mean
+        return denormalize(z, self.latent_mean, self.latent_std)
 
     @torch.no_grad()
     def set_latent_stats(self, mean: torch.Tensor | Any, std: torch.Tensor | Any) -> None:

@@ -5,9 +5,20 @@ Kept apart from the loop so ``sendvae bench train-vae`` and the tests build exac
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..losses.lpips import (
+    TORCHVISION_FILES,
+    LPIPSWeightsError,
+    build_lpips,
+    find_standard_files,
+    lin_package_path,
+    trunk_cache_path,
+)
 from ..models.discriminator import NLayerDiscriminator, load_discriminator
 from ..models.mapper import Mapper, VFProjector
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
@@ -53,8 +64,54 @@ def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> nn.Module:
     return teacher.to(device)
 
 
-def build_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | None) -> nn.Module | None:
-    """The alignment head for ``--loss.align``: Send-VAE mapper, REPA-style MLP, VF projection, or none."""
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def carries_latent_stats(vae: AutoencoderKL) -> bool:
+    """Whether the VAE holds latent statistics (its buffers are no longer the identity 0 / 1 of an init)."""
+    return not (bool(vae.latent_mean.eq(0).all()) and bool(vae.latent_std.eq(1).all()))
+
+
+def initial_latent_stats(
+    cfg: TrainVAEConfig, vae: AutoencoderKL, device: torch.device | str = "cpu", logger=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std (C,) of the VAE training starts from: the fixed LatentNorm's values.
+
+    The VAE's own ``latent_mean`` / ``latent_std`` when it carries them (loaded with ``--model.vae_ckpt``:
+    REPA-E's latents-stats file, a sendvae export, a training state). A VAE that carries none (a random
+    init, or a checkpoint without statistics: buffers still 0 / 1) is measured the way the export measures
+    it (``export.latent_statistics``: z ~ q(z|x) of the first ``run.stats_images`` training images, float64
+    sums, seed ``run.seed``), on ``device``. Every rank measures the same images, so they agree; a resumed
+    run measures again and then loads the checkpoint's values, which are these.
+    """
+    if carries_latent_stats(vae):
+        mean, std, src = vae.latent_mean.detach().float().cpu(), vae.latent_std.detach().float().cpu(), "VAE"
+    else:
+        from ..data import build_dataset
+        from .export import latent_statistics
+
+        home = _device_of(vae)
+        dataset = build_dataset(cfg.data, seed=cfg.run.seed)
+        n = min(cfg.run.stats_images, len(dataset))
+        mean, std = latent_statistics(vae.to(device), dataset, n, device=device, seed=cfg.run.seed)
+        vae.to(home)
+        src = f"{n} training images"
+    if logger is not None:
+        logger.info(f"mapper: fixed latent normalisation, statistics from the {src}")
+    return mean, std
+
+
+def build_head(
+    cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | None, logger=None
+) -> nn.Module | None:
+    """The alignment head for ``--loss.align``: Send-VAE mapper, REPA-style MLP, VF projection, or none.
+
+    With ``--mapper.latent_norm fixed`` the mapper's LatentNorm gets `initial_latent_stats` here, before
+    the first step (measured on the teacher's device); they stay fixed for the run and travel in its
+    checkpoints.
+    """
     kind = cfg.loss.align
     if kind == "none" or teacher is None:
         return None
@@ -74,7 +131,10 @@ def build_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | Non
         import dataclasses
 
         mcfg = dataclasses.replace(mcfg, depth=0, noise=False)
-    return Mapper(vae.latent_channels, latent_grid, teacher.embed_dim, teacher_grid, mcfg)
+    mapper = Mapper(vae.latent_channels, latent_grid, teacher.embed_dim, teacher_grid, mcfg)
+    if mcfg.latent_norm == "fixed":
+        mapper.set_latent_stats(*initial_latent_stats(cfg, vae, _device_of(teacher), logger))
+    return mapper
 
 
 def build_disc(cfg: TrainVAEConfig) -> nn.Module:
@@ -84,15 +144,62 @@ def build_disc(cfg: TrainVAEConfig) -> nn.Module:
     return NLayerDiscriminator(input_nc=3, ndf=m.disc_ndf, n_layers=m.disc_layers)
 
 
+def _lpips_files_error(
+    net: str, weights: str | None, trunk_weights: str | None, found: tuple[Path | None, Path | None]
+) -> LPIPSWeightsError:
+    """One line naming both files standard LPIPS needs, where each comes from, and which one is missing."""
+    trunk_file, lin_file = TORCHVISION_FILES[net], f"{net}.pth"
+    trunk, lins = found
+    if trunk is not None:
+        trunk_state = f"found at {trunk}"
+    elif trunk_weights is not None:
+        trunk_state = f"missing (--loss.lpips_trunk_weights {trunk_weights}: no such file)"
+    else:
+        trunk_state = f"missing (not in {trunk_cache_path(net).parent}), pass --loss.lpips_trunk_weights PATH"
+    if lins is not None:
+        lin_state = f"found at {lins}"
+    elif weights is not None:
+        lin_state = f"missing (--loss.lpips_weights {weights}: no such file)"
+    elif lin_package_path(net) is None:
+        lin_state = "missing (lpips is not installed), `pip install lpips` or pass --loss.lpips_weights PATH"
+    else:
+        lin_state = "missing (not in the installed lpips package), pass --loss.lpips_weights PATH"
+    trunk_name, net_name = {"vgg": ("VGG16", "VGG"), "alex": ("AlexNet", "AlexNet")}[net]
+    return LPIPSWeightsError(
+        f"standard LPIPS-{net_name} (--loss.lpips_variant lpips) needs two weight files, never downloaded "
+        f"here: (1) the torchvision {trunk_name} ImageNet trunk {trunk_file}, from "
+        f"https://download.pytorch.org/models/{trunk_file} (torchvision keeps it in its hub cache): "
+        f"{trunk_state}; (2) the LPIPS v0.1 lin heads {lin_file}, shipped in the lpips pip package as "
+        f"lpips/weights/v0.1/{lin_file} and found automatically when it is installed: {lin_state}. "
+        "Or train with the bundled shift-tolerant ST-LPIPS: --loss.lpips_variant stlpips"
+    )
+
+
+def check_lpips_for(cfg: TrainVAEConfig) -> None:
+    """Standard LPIPS whose files are not on disk: one line that names both files and their options.
+
+    Cheap (it only looks for the files), so a trainer can call it before building anything else.
+    """
+    lc = cfg.loss
+    if lc.lpips_weight > 0 and lc.lpips_variant == "lpips" and not lc.lpips_random_init:
+        found = find_standard_files(lc.lpips_net, lc.lpips_weights, lc.lpips_trunk_weights)
+        if None in found:
+            raise _lpips_files_error(lc.lpips_net, lc.lpips_weights, lc.lpips_trunk_weights, found)
+
+
 def build_lpips_for(cfg: TrainVAEConfig) -> nn.Module | None:
+    """The perceptual loss network of ``--loss.lpips_*``, or None when its weight is 0.
+
+    Standard LPIPS whose files are missing stops here, before any training (`check_lpips_for`).
+    """
     lc = cfg.loss
     if lc.lpips_weight <= 0:
         return None
-    from ..losses.lpips import build_lpips
-
+    check_lpips_for(cfg)
     return build_lpips(
         variant=lc.lpips_variant,
         net=lc.lpips_net,
         weights=lc.lpips_weights,
         trunk_weights=lc.lpips_trunk_weights,
+        pretrained=not lc.lpips_random_init,
     )

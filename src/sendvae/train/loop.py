@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import to_dict
+from ..config import from_dict, to_dict
 from ..data.sampler import StepBatchSampler
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
@@ -122,7 +122,9 @@ class TrainerBase:
                 )
             return
         path, st = found
-        refused = refused_changes(st.get("config", {}), to_dict(self.cfg), self.resume_free)
+        # through the config class: a field added since the checkpoint was written takes its default
+        saved = to_dict(from_dict(type(self.cfg), st.get("config", {}), strict=False))
+        refused = refused_changes(saved, to_dict(self.cfg), self.resume_free)
         if refused:
             raise ValueError(
                 f"run folder {self.run_dir} holds an experiment with another config "

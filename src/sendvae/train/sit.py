@@ -24,6 +24,7 @@ from ..data import to_float
 from ..data.latent_store import LatentStore, select_flip
 from ..diffusion.sampling import euler_sample
 from ..diffusion.transport import sample_t, training_losses
+from ..models.latent_stats import LatentStats
 from ..models.sit import SiT, SiTConfig, flops_per_image, sit_config
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo
@@ -33,6 +34,8 @@ from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimi
 from .loop import TrainerBase
 from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
+
+LATENTS_FILE = "latents.json"  # the export's record of the statistics the SiT was trained with
 
 
 def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT:
@@ -147,6 +150,7 @@ class SiTTrainer(TrainerBase):
                 )
             feat = store.feature_shape
         self.store = LatentStore(cfg.data.store, with_features=self.repa and self.teacher is None)
+        self.stats = self.record_latent_stats()
         self.vae = None
         if cfg.model.vae:
             from ..models.vae_io import load_vae
@@ -186,6 +190,24 @@ class SiTTrainer(TrainerBase):
         self.fwd = torch.compile(self.ddp) if cfg.run.compile else self.ddp
         self.flops = flops_per_image(self.model_cfg, training=True)
         self.peak_tflops = measured_matmul_tflops(dev) if dist.is_main else None
+
+    def record_latent_stats(self) -> LatentStats:
+        """The statistics this SiT is trained with, written into its config (so into every checkpoint)
+        before the first step: the store's exact moments unless ``--latents.mean/std`` name others."""
+        lc, store = self.cfg.latents, self.store
+        if (lc.mean is None) != (lc.std is None):
+            raise ValueError("pass both --latents.mean and --latents.std, or neither (the store's)")
+        if lc.mean is None:
+            lc.mean, lc.std = store.stats.mean, store.stats.std
+        if lc.vae_fingerprint is None:
+            lc.vae_fingerprint = store.vae_fingerprint
+        stats = LatentStats(lc.mean, lc.std, lc.vae_fingerprint)
+        if stats.channels != store.latent_shape[0]:
+            raise ValueError(
+                f"--latents.mean/std give {stats.channels} channels, the store's latents have "
+                f"{store.latent_shape[0]}"
+            )
+        return stats
 
     # -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -227,7 +249,7 @@ class SiTTrainer(TrainerBase):
         n = self.step_noise(tuple(self.store.latent_shape))
         m = select_flip(moments, n["flip"]).float()  # (B, 2 (mean, std), C, h, w)
         z = m[:, 0] + m[:, 1] * n["z_eps"] if cfg.data.sample_posterior else m[:, 0]
-        z = self.store.normalize(z)  # (B, C, h, w), what the SiT models
+        z = self.stats.normalize(z)  # (B, C, h, w), what the SiT models
         if self.step in cfg.run.fault_nan_steps:  # testing aid: a corrupt batch
             z = z * float("nan")
         y = torch.zeros_like(labels) if cfg.model.unconditional else labels
@@ -275,7 +297,7 @@ class SiTTrainer(TrainerBase):
         noise = torch.randn(n, c, h, w, generator=g, device=self.device)
         y = torch.arange(n, device=self.device) % self.model_cfg.num_classes
         z = euler_sample(self.ema, noise, y, null_class=self.model_cfg.num_classes, steps=steps)
-        x = self.vae.decode(self.store.denormalize(z)).float().clamp(-1, 1)
+        x = self.vae.decode(self.stats.denormalize(z)).float().clamp(-1, 1)
         out = self.run_dir / "samples" / f"sample-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(x.add(1).div(2).cpu(), out, nrow=n)
@@ -293,8 +315,8 @@ class SiTTrainer(TrainerBase):
         e = self.cfg.eval
         if self._proxy_fd is None:
             self._proxy_fd = ProxyFD(
-                self.store, self.vae, e.fd_samples, e.fd_teacher, e.fd_teacher_weights, self.device,
-                seed=self.cfg.run.seed,
+                self.store, self.stats, self.vae, e.fd_samples, e.fd_teacher, e.fd_teacher_weights,
+                self.device, seed=self.cfg.run.seed,
             )  # fmt: skip
         sample = ema_sampler(self.ema, self.model_cfg.num_classes, e.fd_steps, e.fd_cfg_scale)
         amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
@@ -320,12 +342,6 @@ class SiTTrainer(TrainerBase):
         out = self.run_dir / "export" / "sit"
         self.ema.save_pretrained(out)
         ckpt.atomic_write_json(
-            {
-                "latent_mean": self.store.latent_mean.tolist(),
-                "latent_std": self.store.latent_std.tolist(),
-                "vae_fingerprint": self.store.vae_fingerprint,
-                "null_class": self.model_cfg.num_classes,
-            },
-            out / "latents.json",
+            {**self.stats.to_dict(), "null_class": self.model_cfg.num_classes}, out / LATENTS_FILE
         )
         return out

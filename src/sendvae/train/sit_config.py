@@ -78,6 +78,15 @@ class SiTEvalConfig:
 
 
 @dataclass
+class SiTLatentsConfig:
+    mean: tuple[float, ...] | None = option(
+        None, "per-channel latent mean the SiT models (z - mean) / std with (default: the store's, at step 0)"
+    )
+    std: tuple[float, ...] | None = option(None, "per-channel latent std (default: the store's, at step 0)")
+    vae_fingerprint: str | None = option(None, "weights fingerprint of the VAE the latents come from (set)")
+
+
+@dataclass
 class TrainSiTConfig:
     preset: str = option("custom", "name of the preset this config started from")
     run: RunConfig = option(RunConfig(), "run")
@@ -86,6 +95,7 @@ class TrainSiTConfig:
     transport: TransportConfig = option(TransportConfig(), "transport")
     optim: SiTOptimConfig = option(SiTOptimConfig(), "optim")
     eval: SiTEvalConfig = option(SiTEvalConfig(), "eval")
+    latents: SiTLatentsConfig = option(SiTLatentsConfig(), "latent statistics (recorded at step 0)")
 
 
 PRESETS = PresetRegistry("train-sit")

@@ -21,6 +21,7 @@ from ..data.transforms import to_uint8
 from ..diffusion.sampling import euler_sample
 from ..metrics.features import FeatureExtractor
 from ..metrics.frechet import frechet_distance
+from ..models.latent_stats import LatentStats
 
 
 class ProxyFD:
@@ -29,6 +30,7 @@ class ProxyFD:
     def __init__(
         self,
         store,
+        stats: LatentStats,
         vae: nn.Module,
         num_samples: int,
         teacher: str,
@@ -39,7 +41,7 @@ class ProxyFD:
     ) -> None:
         if num_samples < 2:
             raise ValueError(f"--eval.fd_samples must be >= 2, got {num_samples}")
-        self.store, self.vae, self.device, self.batch_size = store, vae, device, batch_size
+        self.store, self.stats, self.vae, self.device, self.batch_size = store, stats, vae, device, batch_size
         self.n = min(num_samples, len(store))
         res = store.manifest["dataset"]["resolution"]
         self.fx = FeatureExtractor(
@@ -54,12 +56,12 @@ class ProxyFD:
     def _store_latents(self) -> Iterator[torch.Tensor]:
         for s in range(0, self.n, self.batch_size):
             m = self.store.gather(np.arange(s, min(s + self.batch_size, self.n)))  # (B, 2, 2, C, h, w)
-            yield self.store.normalize(m[:, 0, 0].float().to(self.device))  # un-flipped posterior means
+            yield self.stats.normalize(m[:, 0, 0].float().to(self.device))  # un-flipped posterior means
 
     @torch.no_grad()
     def _decoded(self, latents: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for z in latents:  # normalised latents -> uint8 images (B, 3, H, W)
-            yield to_uint8(self.vae.decode(self.store.denormalize(z)).float().clamp(-1, 1)).cpu()
+            yield to_uint8(self.vae.decode(self.stats.denormalize(z)).float().clamp(-1, 1)).cpu()
 
     @torch.no_grad()
     def __call__(self, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:

@@ -28,7 +28,14 @@ from ..losses.vae_loss import VAELoss
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
-from .builders import build_disc, build_head, build_lpips_for, build_teacher_for, build_vae_for
+from .builders import (
+    build_disc,
+    build_head,
+    build_lpips_for,
+    build_teacher_for,
+    build_vae_for,
+    check_lpips_for,
+)
 from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
 from .loop import TrainerBase
 from .resume import FREE_VAE
@@ -50,6 +57,7 @@ class VAETrainer(TrainerBase):
     def __init__(self, cfg: TrainVAEConfig, dist: DistInfo, run_dir: Path, logger: RunLogger):
         super().__init__(cfg, dist, run_dir, logger)
         dev = self.device
+        check_lpips_for(cfg)  # missing LPIPS files: one line before anything is built
         torch.manual_seed(cfg.run.seed)  # identical initial weights whatever the number of processes
         setup_backends(dev, cfg.run.tf32)
         self.amp = autocast_dtype(cfg.run.precision, dev)
@@ -65,7 +73,7 @@ class VAETrainer(TrainerBase):
 
         vae = build_vae_for(cfg, logger)
         self.teacher = build_teacher_for(cfg, dev) if cfg.loss.align != "none" else None
-        head = build_head(cfg, vae, self.teacher)
+        head = build_head(cfg, vae, self.teacher, logger=logger)
         self.model = SendVAEModel(vae, head, cfg.model.sample_posterior).to(dev)
         if cfg.optim.freeze_decoder:
             for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):

@@ -5,7 +5,8 @@ Presets (``--preset``):
                          EfficientNet-Lite0 teacher; finishes in minutes on a 2-core CPU, no downloads.
   sendvae-f16d32         the paper's recipe (REFERENCE.md section 1): init from VA-VAE f16d32, DINOv2-B,
                          1 mapper block, noise injection, L1 + LPIPS + KL 1e-6 + PatchGAN 0.1 from step 0,
-                         global batch 1024, AdamW lr 3e-4, 80 epochs of ImageNet 256.
+                         global batch 1024, AdamW lr 3e-4, 80 epochs of ImageNet 256. LPIPS is the
+                         standard LPIPS-VGG (torchvision VGG16 trunk + lpips heads, files on disk).
   sendvae-f8d4           the same from SD-VAE f8d4 (patch 2 in the mapper).
   vavae-f16d32           VA-VAE's VF loss baseline (DINOv2-L, margins 0.5 / 0.25, adaptive weight x 0.1).
   repa-align-f16d32      direct REPA-style alignment baseline: an MLP projector on the clean latent.
@@ -72,14 +73,21 @@ class LossConfig:
     lpips_weight: float = option(1.0, "perceptual (LPIPS) weight; 0 disables")
     lpips_variant: str = option(
         "stlpips",
-        "stlpips (bundled shift-tolerant nets) or lpips (weights given)",
+        "lpips: the standard metric (Zhang et al. v0.1; torchvision ImageNet trunk + lpips lin heads, "
+        "files on disk); stlpips: the shift-tolerant ST-LPIPS bundled with stlpips-pytorch",
         choices=("stlpips", "lpips"),
     )
     lpips_net: str = option("vgg", "LPIPS trunk", choices=("vgg", "alex"))
-    lpips_weights: str | None = option(None, "LPIPS linear-layer weights file (variant lpips)")
-    lpips_trunk_weights: str | None = option(
-        None, "torchvision VGG16/AlexNet ImageNet weights (variant lpips)"
+    lpips_weights: str | None = option(
+        None,
+        "LPIPS v0.1 lin heads vgg.pth / alex.pth (variant lpips; default: the installed lpips package's)",
     )
+    lpips_trunk_weights: str | None = option(
+        None,
+        "torchvision ImageNet trunk vgg16-397923af.pth / alexnet-owt-7be5be79.pth (variant lpips; "
+        "default: torch's hub cache)",
+    )
+    lpips_random_init: bool = option(False, "random LPIPS weights (tests and benchmarks only)")
     kl_weight: float = option(1e-6, "KL weight (KL summed over latent elements, averaged over the batch)")
     gan_weight: float = option(0.1, "generator adversarial weight; 0 disables the discriminator")
     gan_start: int = option(0, "step at which the discriminator and the adversarial term start")
@@ -124,6 +132,12 @@ def _sendvae_f16d32() -> TrainVAEConfig:
     cfg = TrainVAEConfig(preset="sendvae-f16d32")
     cfg.data.name, cfg.data.resolution = "prepared", 256
     cfg.model.vae = "f16d32"
+    # Standard LPIPS-VGG (Zhang et al. 2018, v0.1: torchvision's VGG16 ImageNet trunk vgg16-397923af.pth +
+    # the lpips package's weights/v0.1/vgg.pth heads), weight 1: the perceptual term of the Send-VAE paper's
+    # L_VAE and of REPA-E's configs/l1_lpips_kl_gan.yaml (LPIPS on VGG16, as in LDM/taming). No VGG weights
+    # install offline, so the trunk file is the user's; without it the run stops before training and
+    # names both files (builders.build_lpips_for).
+    cfg.loss.lpips_variant, cfg.loss.lpips_net = "lpips", "vgg"
     return cfg
 
 
@@ -172,7 +186,8 @@ def _shapes_tiny() -> TrainVAEConfig:
     cfg.mapper.patch_size, cfg.mapper.grid_mismatch = 2, "resample_teacher"
     # From scratch, LPIPS at full weight paints colour fringes for the first hundreds of steps; a light
     # perceptual term and a late, small discriminator keep the short run about reconstruction + alignment.
-    cfg.loss.lpips_net, cfg.loss.lpips_weight = "alex", 0.1
+    # The bundled ST-LPIPS (stlpips-pytorch ships trunk and heads): the LPIPS that runs with no files given.
+    cfg.loss.lpips_variant, cfg.loss.lpips_net, cfg.loss.lpips_weight = "stlpips", "alex", 0.1
     # MSE, not L1: on flat-coloured objects over textured backgrounds, L1 lets a small VAE trade the
     # object's colour for background texture (500 steps: reconstructions of one hue); MSE weighs the
     # large colour errors more and keeps the colours (measured: BENCHMARKS.md).
