@@ -124,13 +124,23 @@ def test_inception_metrics(tmp_path, inception_weights, monkeypatch):
     with np.load(ref) as f:
         assert f["mu"].shape == (2048,) and f["sigma_s"].shape == (2023, 2023)
         trace = np.trace(f["sigma"])
-    argv = [str(ref), "--ref", str(ref), "--inception-weights", str(inception_weights), "--is-splits", "2"]
-    assert main(argv + ["--device", "cpu"]) == 0
+    argv = [str(ref), "--ref", str(ref), "--inception-weights", str(inception_weights), "--device", "cpu"]
+    assert main(argv) == 0
     out = json.loads((tmp_path / "ref.metrics.json").read_text())
     assert {"FID", "sFID", "IS", "precision", "recall"} <= out.keys()
     # stand-in FD = |mu1 - mu2|^2 + tr S1 + tr S2: the stored and the recomputed statistics agree
     assert out["FID"] == pytest.approx(2 * trace, rel=1e-6)
     assert out["precision"] == 1.0 and out["recall"] == 1.0  # a set lies in its own manifold
+    # the report names the split definition and the distance precision: ADM's by default
+    assert out["IS_splits"] == "split_size=5000 as ADM: one split of 4 samples" and out["IS_split_sizes"] == [
+        4
+    ]
+    assert out["pr_distance_dtype"] == "float16"
+    assert main(argv + ["--is-splits", "2", "--pr-distance-dtype", "float32"]) == 0
+    out2 = json.loads((tmp_path / "ref.metrics.json").read_text())
+    assert out2["IS_splits"] == "2 equal splits of 2 samples" and out2["pr_distance_dtype"] == "float32"
+    assert main(argv + ["--is-split-size", "3"]) == 0
+    assert json.loads((tmp_path / "ref.metrics.json").read_text())["IS_split_sizes"] == [3, 1]
 
 
 def test_inception_weights_download_only_when_allowed(tmp_path, inception_weights, monkeypatch, capsys):
@@ -192,6 +202,8 @@ def test_recon_rfid(tmp_path, inception_weights, monkeypatch):
         (["--make-ref", "{tmp}/r.npz", "--data", "prepared", "--data-path", "{tmp}/none"], "does not exist"),
         (["--recon", "--data", "shapes"], "--vae"),
         (["{bad}", "--ref", "{s}"], "uint8"),
+        (["{s}", "--ref", "{s}", "--is-split-size", "0"], "--is-split-size must be >= 1"),
+        (["{s}", "--ref", "{s}", "--is-splits", "0"], "--is-splits must be >= 1"),
     ],
 )
 def test_errors(tmp_path, capsys, monkeypatch, argv, message):

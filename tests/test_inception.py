@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sendvae.metrics.inception import WEIGHTS_FILE, FIDInceptionV3, load_fid_inception, tf1_bilinear_resize
+from sendvae.metrics.inception import (
+    WEIGHTS_FILE,
+    FIDInceptionV3,
+    _pool,
+    load_fid_inception,
+    tf1_bilinear_resize,
+)
 
 
 def _numpy_tf1_resize(img, out_h, out_w):
@@ -39,6 +45,52 @@ def test_tf1_resize_matches_numpy_formula(size_in, size_out):
     for n in range(2):
         want = _numpy_tf1_resize(x[n].numpy(), *size_out)
         np.testing.assert_allclose(got[n].numpy(), want, atol=2e-4)
+
+
+def _gather_tf1_resize(x, size):
+    """TF1 resize by gathering every output pixel's four neighbours, float32: TF's lerp order (each row
+    horizontally, then the two rows vertically), written out directly."""
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+
+    def coords(n_in, n_out):
+        src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        return i0, (i0 + 1).clamp(max=n_in - 1), src - i0.float()
+
+    (y0, y1, wy), (x0, x1, wx) = coords(h, out_h), coords(w, out_w)
+    y0, y1, wy = y0[:, None], y1[:, None], wy[:, None]
+    top = x[..., y0, x0] + (x[..., y0, x1] - x[..., y0, x0]) * wx
+    bottom = x[..., y1, x0] + (x[..., y1, x1] - x[..., y1, x0]) * wx
+    return top + (bottom - top) * wy
+
+
+@pytest.mark.parametrize(
+    "size_in,size_out", [((256, 256), (299, 299)), ((512, 384), (299, 299)), ((9, 13), (40, 31))]
+)
+def test_tf1_resize_row_gathers_are_bit_identical(size_in, size_out):
+    """The two-pass row-gather implementation gives the same bits as gathering pixel by pixel, for NCHW
+    and channels-last input, and returns contiguous NCHW memory."""
+    x = torch.rand(2, 3, *size_in) * 255
+    want = _gather_tf1_resize(x, size_out)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = tf1_bilinear_resize(inp, size_out)
+        assert torch.equal(got, want) and got.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "kind,stride,shape", [("avg", 1, (2, 32, 17, 17)), ("max", 1, (2, 32, 8, 8)), ("max", 2, (2, 16, 35, 35))]
+)
+def test_pools_bit_identical_to_nchw_kernels(kind, stride, shape):
+    """On CPU the pools run channels-last for speed; results equal ATen's NCHW pooling exactly."""
+    x = torch.randn(shape)
+    if kind == "avg":
+        want = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    else:
+        want = F.max_pool2d(x, kernel_size=3, stride=stride, padding=1 if stride == 1 else 0)
+    got = _pool(x, kind, stride)
+    assert torch.equal(got, want) and got.is_contiguous()
+    channels_last = _pool(x.contiguous(memory_format=torch.channels_last), kind, stride)
+    assert torch.equal(channels_last, want) and channels_last.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_tf1_resize_hand_values_and_differs_from_half_pixel():

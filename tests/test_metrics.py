@@ -67,7 +67,9 @@ def test_evaluate_samples_end_to_end(net, tmp_path, monkeypatch):
     assert got["fid"] == pytest.approx(_cheap_fd([])(*calls[0]))
     assert got["sfid"] == pytest.approx(_cheap_fd([])(*calls[1]))
     assert got["inception_score"] == pytest.approx(inception_score(out["logits"][6:], splits=2), rel=1e-5)
+    assert got["is_splits"] == "2 equal splits of 3 samples" and got["is_split_sizes"] == [3, 3]
     assert (got["precision"], got["recall"]) == pytest.approx(precision_recall(pool_r, pool_s, k=3))
+    assert got["pr_distance_dtype"] == "float16"  # ADM's default
 
     # --make-ref output: images plus float64 statistics; evaluating against it gives the same numbers
     ref = compute_reference(ref_imgs, net, batch_size=5)
@@ -78,12 +80,38 @@ def test_evaluate_samples_end_to_end(net, tmp_path, monkeypatch):
     stats_only = {k: v for k, v in ref.items() if k != "arr_0"}
     save_batch(tmp_path / "ref_stats.npz", stats_only)
     got2 = evaluate_samples(
-        tmp_path / "samples.npz", tmp_path / "ref_stats.npz", net, batch_size=6, is_splits=2
+        tmp_path / "samples.npz", tmp_path / "ref_stats.npz", net, batch_size=6, is_split_size=4
     )
     _assert_stats_close(calls[2], calls[0])  # the stored reference statistics are the ones used
     _assert_stats_close(calls[3], calls[1])
     assert got2["fid"] == pytest.approx(got["fid"], rel=1e-5)
     assert got2["precision"] is None and got2["recall"] is None  # no reference images
+    assert got2["pr_distance_dtype"] is None
+    # ADM's consecutive splits: 6 samples in parts of 4 -> 4 and 2
+    assert (
+        got2["is_split_sizes"] == [4, 2]
+        and got2["is_splits"] == "split_size=4 as ADM: 2 splits of 4, the last of 2"
+    )
+    assert got2["inception_score"] == pytest.approx(
+        inception_score(out["logits"][6:], split_size=4), rel=1e-5
+    )
+
+
+def test_evaluate_samples_defaults_and_float32_distances(net, tmp_path, monkeypatch):
+    monkeypatch.setattr(adm, "frechet_distance", _cheap_fd([]))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(5, 0))
+    np.savez(tmp_path / "samples.npz", arr_0=_images(5, 1, lo=60, hi=200))
+    got = evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", net, pr_distance_dtype="float32")
+    with torch.no_grad():
+        out = net(torch.from_numpy(np.concatenate([_images(5, 0), _images(5, 1, lo=60, hi=200)])))
+    assert got["is_splits"] == "split_size=5000 as ADM: one split of 5 samples"  # the default
+    assert got["inception_score"] == pytest.approx(inception_score(out["logits"][5:], splits=1), rel=1e-5)
+    want = precision_recall(out["pool"][:5], out["pool"][5:], k=3, distance_dtype="float32")
+    assert got["pr_distance_dtype"] == "float32" and (got["precision"], got["recall"]) == pytest.approx(want)
+    with pytest.raises(ValueError, match="pr_distance_dtype"):
+        evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", net, pr_distance_dtype="bf16")
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", net, is_split_size=2, is_splits=2)
 
 
 def _stats():

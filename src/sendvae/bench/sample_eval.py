@@ -3,19 +3,25 @@
 sample: milliseconds per network evaluation of the sampler (SiT with CFG: conditional and unconditional
 halves in one call of 2B), the FLOP floor of that call at the measured bf16 matmul rate, and the implied
 wall time of 50k samples with an SDE of 250 steps. evaluate: FID-Inception images/s (random weights:
-the speed does not depend on them) and the implied time for 50k images.
-"""
+the speed does not depend on them) and the implied time for 50k images, against pytorch-fid's
+InceptionV3([3]) on the same weights in the same run when pytorch-fid is installed; optionally the
+precision / recall distances in float16 (ADM) and float32 on a fixed random feature set."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from unittest import mock
 
+import numpy as np
 import torch
 
 from ..diffusion.sampling import guided_velocity
 from ..models.sit import SiT, flops_per_image
 from ..train.sit import measured_matmul_tflops, sized_sit_config
-from .timing import peak_gib, reset_peak, time_fn
+from .timing import peak_gib, reset_peak, sync, time_fn
 
 
 def bench_sample(
@@ -66,6 +72,54 @@ def bench_sample(
     }
 
 
+def _calibrated_inception(device: torch.device):
+    """The FID Inception with random weights and BN statistics taken from one batch of noise, so that
+    activations stay O(1) through the network as with the real weights (with the default statistics
+    they shrink to ~1e-8 by Mixed_7c; no measurable change in speed, but no near-degenerate values)."""
+    from ..metrics.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one batch sets the running statistics
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (2, 299, 299, 3), dtype=torch.uint8))
+    return net.eval().requires_grad_(False).to(device)
+
+
+def _pytorch_fid_inception(state: dict, device: torch.device):
+    """pytorch-fid's InceptionV3([3]) (pool_3 features) holding `state`, or None without pytorch-fid.
+
+    Its constructor fetches the weights by URL; its loader is handed our state dict instead (the same
+    pt_inception key layout, loaded strictly)."""
+    try:
+        import pytorch_fid.inception as pytorch_fid_inception
+    except ImportError:
+        return None
+    with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: dict(state)):
+        net = pytorch_fid_inception.InceptionV3([pytorch_fid_inception.InceptionV3.DEFAULT_BLOCK_INDEX])
+    return net.eval().to(device)
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int):
+    """Seconds per call of each fn, timed in turn within each of `iters` rounds, so that load from other
+    processes falls on all of them alike; per-round lists, after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_evaluate(
     device: torch.device,
     batch: int,
@@ -74,21 +128,58 @@ def bench_evaluate(
     warmup: int = 2,
     num_images: int = 50_000,
 ) -> dict:
-    from ..metrics.inception import FIDInceptionV3
-
-    net = FIDInceptionV3().to(device).eval()
+    """Our FID Inception on uint8 (N, H, W, 3) images, the ADM layout (conversion, TF1 resize to 299 and
+    all three outputs included), and pytorch-fid's InceptionV3([3]) on the same images as its own input,
+    float (N, 3, H, W) in [0, 1] prepared outside the timing. vs_pytorch_fid is the median over the
+    interleaved rounds of our time / its time (< 1: ours is faster)."""
+    net = _calibrated_inception(device)
     images = torch.randint(0, 256, (batch, resolution, resolution, 3), dtype=torch.uint8, device=device)
-
-    def call() -> None:
-        with torch.no_grad():
-            net(images)
+    fns = {"ours": lambda: net(images)}
+    reference = _pytorch_fid_inception(net.state_dict(), device)
+    if reference is not None:
+        as_float = images.permute(0, 3, 1, 2).float().div(255).contiguous()
+        fns["pytorch_fid"] = lambda: reference(as_float)
 
     reset_peak(device)
-    sec = time_fn(call, device, warmup, iters)
-    return {
+    with torch.no_grad():
+        times = _interleaved(fns, device, warmup, iters)
+    sec = statistics.median(times["ours"])
+    out = {
         "batch": batch,
         "resolution": resolution,
         "img_s": batch / sec,
         "peak_gib": peak_gib(device),
         "seconds_for_50k": num_images / batch * sec,
+        "pytorch_fid_img_s": None,
+        "vs_pytorch_fid": None,
+        "rounds": iters,
     }
+    if reference is not None:
+        out["pytorch_fid_img_s"] = batch / statistics.median(times["pytorch_fid"])
+        out["vs_pytorch_fid"] = statistics.median(a / b for a, b in zip(times["ours"], times["pytorch_fid"]))
+    return out
+
+
+def pool3_like_features(n: int, dim: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random stand-in for Inception pool_3 features: non-negative, on a 12-d manifold, squared
+    norms ~460; `real` and a shifted, narrower `fake` set of n vectors each, float32."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(12, dim)) / np.sqrt(12)
+    to_feats = lambda z: np.maximum(0.5 * z @ w + 0.2, 0).astype(np.float32)
+    return to_feats(rng.normal(size=(n, 12))), to_feats(rng.normal(size=(n, 12)) * 0.9 + 0.15)
+
+
+def bench_precision_recall(device: torch.device, n: int, seed: int = 0) -> dict:
+    """Precision / recall of pool3_like_features(n) with float16 (ADM's) and float32 distances: the
+    figures side by side and the seconds each takes (3 n^2 distances in 2048-d)."""
+    from ..metrics.frechet import PR_DISTANCE_DTYPES, precision_recall
+
+    real, fake = (torch.from_numpy(a).to(device) for a in pool3_like_features(n, seed=seed))
+    out: dict = {"pr_features": n, "seed": seed}
+    for dtype in PR_DISTANCE_DTYPES:
+        sync(device)
+        t0 = time.perf_counter()
+        out[f"precision_{dtype}"], out[f"recall_{dtype}"] = precision_recall(real, fake, distance_dtype=dtype)
+        sync(device)
+        out[f"pr_{dtype}_s"] = time.perf_counter() - t0
+    return out

@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-latents", type=int, default=50_000, help="probe: latents to probe (default: %(default)s)"
     )
+    p.add_argument(
+        "--pr-features",
+        type=int,
+        default=0,
+        help="evaluate: also time precision / recall (float16 as ADM, and float32) on this many fixed random "
+        "2048-d features per set, and print both results (default: %(default)s, skip)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows")
 
 
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['hours_for_50k']:.2f} h"
         )
     elif args.what == "evaluate":
-        from ..bench.sample_eval import bench_evaluate
+        from ..bench.sample_eval import bench_evaluate, bench_precision_recall
 
         batch = args.batch or (500 if gpu else 4)
         r = bench_evaluate(dev, batch, args.resolution, args.iters, args.warmup)
@@ -143,6 +150,24 @@ def run(args: argparse.Namespace) -> int:
             f"FID Inception at {r['resolution']} px, batch {r['batch']}: {r['img_s']:.1f} img/s; "
             f"50k images: {r['seconds_for_50k']:.0f} s"
         )
+        if r["vs_pytorch_fid"] is None:
+            print("pytorch-fid is not installed: no comparison")
+        else:
+            print(
+                f"pytorch-fid InceptionV3 (pool_3 block), same weights: {r['pytorch_fid_img_s']:.1f} img/s; "
+                f"time ours / pytorch-fid {r['vs_pytorch_fid']:.2f} "
+                f"(median of {r['rounds']} interleaved rounds)"
+            )
+        if args.pr_features:
+            r = bench_precision_recall(dev, args.pr_features)
+            rows.append(r)
+            print(
+                f"precision / recall, {r['pr_features']} vs {r['pr_features']} random 2048-d features: "
+                + "; ".join(
+                    f"{d} {r[f'precision_{d}']:.4f} / {r[f'recall_{d}']:.4f} in {r[f'pr_{d}_s']:.1f} s"
+                    for d in ("float16", "float32")
+                )
+            )
     elif args.what == "probe":
         from ..bench.probe import bench_probe
 

@@ -9,6 +9,9 @@ FID, sFID, IS and precision / recall follow the ADM evaluator and need the FID I
 (pt_inception-2015-12-05-6726825d.pth). Without them the command reports FD_<teacher>, the Frechet
 distance in the pooled features of a teacher (default: the embedded EfficientNet-Lite0), which is a
 different metric and is never called FID.
+
+As in ADM, IS averages over consecutive splits of 5000 samples (--is-splits K: K equal splits) and
+precision / recall use float16 distances (--pr-distance-dtype float32: float32); the report names both.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime.distributed import resolve_device
+
 NAME = "evaluate"
 HELP = "FID / sFID / IS / precision / recall of samples, ADM reference batches, VAE reconstruction metrics"
 DATASETS = ("shapes", "prepared", "imagefolder", "fashion-mnist")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..metrics.frechet import IS_SPLIT_SIZE, PR_DISTANCE_DTYPES
     from ..teachers import DEFAULT_TEACHER, TEACHERS
 
     p.add_argument(
@@ -63,19 +69,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)"
     )
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default: %(default)s)")
+    splits = p.add_mutually_exclusive_group()
+    splits.add_argument(
+        "--is-split-size",
+        type=int,
+        metavar="N",
+        help="Inception Score over consecutive splits of N samples, the last one shorter when N does not "
+        f"divide the sample count (default: ADM's {IS_SPLIT_SIZE})",
+    )
+    splits.add_argument(
+        "--is-splits",
+        type=int,
+        metavar="K",
+        help="Inception Score over K equal splits instead of ADM's fixed-size ones (the same ten splits at "
+        "50k samples with K = 10; different scores at other counts)",
+    )
+    p.add_argument(
+        "--pr-distance-dtype",
+        choices=PR_DISTANCE_DTYPES,
+        default="float16",
+        help="precision / recall distances: float16 as ADM's evaluator (float32 for any 10000 x 10000 block "
+        "that would overflow), or float32 throughout, which moves precision / recall by ~1e-3 "
+        "(default: %(default)s)",
+    )
     p.add_argument("--output", metavar="JSON", help="--recon: write the metrics here as JSON")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _fid_note() -> str:
@@ -110,7 +132,7 @@ def _feature_extractor(args: argparse.Namespace, resolution: int):
         args.feature_teacher,
         weights=args.teacher_weights,
         resolution=resolution,
-        device=_device(args.device),
+        device=resolve_device(args.device),
         batch_size=args.batch_size,
     )
 
@@ -177,11 +199,23 @@ def evaluate_sample_batch(args: argparse.Namespace) -> dict[str, Any]:
     if weights:
         from ..metrics.inception import load_fid_inception
 
-        net = load_fid_inception(weights, _device(args.device))
+        net = load_fid_inception(weights, resolve_device(args.device))
         m = evaluate_samples(
-            args.samples, args.ref, net, batch_size=args.batch_size, is_splits=args.is_splits
+            args.samples,
+            args.ref,
+            net,
+            batch_size=args.batch_size,
+            is_split_size=args.is_split_size,
+            is_splits=args.is_splits,
+            pr_distance_dtype=args.pr_distance_dtype,
         )
-        names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "precision"}
+        names = {
+            "fid": "FID",
+            "sfid": "sFID",
+            "inception_score": "IS",
+            "is_splits": "IS_splits",
+            "is_split_sizes": "IS_split_sizes",
+        }
         return {**out, **{names.get(k, k): v for k, v in m.items()}}
 
     samples, ref = load_batch(args.samples), load_batch(args.ref)
@@ -215,7 +249,7 @@ def make_reference(args: argparse.Namespace) -> dict[str, Any]:
     if weights:
         from ..metrics.inception import load_fid_inception
 
-        net = load_fid_inception(weights, _device(args.device))
+        net = load_fid_inception(weights, resolve_device(args.device))
         batch = compute_reference(images, net, batch_size=args.batch_size)
     else:
         batch = {"arr_0": images}
@@ -239,7 +273,7 @@ def evaluate_reconstructions(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.vae is None:
         raise ValueError("--recon needs the VAE to evaluate: pass --vae PATH_OR_PRESET")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ds = _dataset(args)
     torch.manual_seed(0)  # a preset (random weights) is the same VAE every run
     vae = load_vae(args.vae, config=args.vae_config).eval().requires_grad_(False)
@@ -284,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--is-split-size", args.is_split_size), ("--is-splits", args.is_splits)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.samples:
         metrics = evaluate_sample_batch(args)
         path = Path(args.samples)

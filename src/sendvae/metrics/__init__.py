@@ -4,6 +4,7 @@ from sendvae.metrics.adm import (
     ReferenceBatchError,
     compute_activations,
     compute_reference,
+    describe_is_splits,
     evaluate_samples,
     load_batch,
     save_batch,
@@ -14,6 +15,7 @@ from sendvae.metrics.frechet import (
     feature_statistics,
     frechet_distance,
     inception_score,
+    is_split_sizes,
     precision_recall,
 )
 from sendvae.metrics.inception import FIDInceptionV3, load_fid_inception, tf1_bilinear_resize
@@ -32,10 +34,12 @@ __all__ = [
     "StatsAccumulator",
     "compute_activations",
     "compute_reference",
+    "describe_is_splits",
     "evaluate_samples",
     "feature_statistics",
     "frechet_distance",
     "inception_score",
+    "is_split_sizes",
     "load_batch",
     "load_fid_inception",
     "precision_recall",

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sendvae.metrics.frechet import StatsAccumulator, frechet_distance, inception_score, precision_recall
+from sendvae.metrics.frechet import (
+    IS_SPLIT_SIZE,
+    PR_DISTANCE_DTYPES,
+    StatsAccumulator,
+    frechet_distance,
+    inception_score,
+    is_split_sizes,
+    precision_recall,
+)
 from sendvae.metrics.inception import FIDInceptionV3
 
 STAT_DIMS = {"mu": 2048, "mu_s": 2023}  # pool_3 and spatial feature widths
@@ -128,19 +136,37 @@ def compute_reference(
     return {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
 
 
+def describe_is_splits(n: int, split_size: int | None = None, splits: int | None = None) -> str:
+    """The split definition of an Inception Score of n samples in words, for the evaluate report."""
+    sizes = is_split_sizes(n, split_size, splits)
+    if splits is not None:
+        each = f"{sizes[0]}" if sizes[0] == sizes[-1] else f"{sizes[-1]}-{sizes[0]}"
+        return f"{splits} equal splits of {each} samples"
+    size = IS_SPLIT_SIZE if split_size is None else split_size
+    if len(sizes) == 1:
+        return f"split_size={size} as ADM: one split of {n} samples"
+    last = f", the last of {sizes[-1]}" if sizes[-1] != size else ""
+    return f"split_size={size} as ADM: {len(sizes)} splits of {size}{last}"
+
+
 def evaluate_samples(
     sample_npz: str | Path,
     ref_npz: str | Path,
     net: FIDInceptionV3,
     batch_size: int = 100,
-    is_splits: int = 10,
+    is_split_size: int | None = None,
+    is_splits: int | None = None,
     k: int = 3,
-) -> dict[str, float | int | None]:
+    pr_distance_dtype: str = "float16",
+) -> dict[str, float | int | str | list[int] | None]:
     """FID, sFID, Inception Score, precision and recall of a sample batch against a reference batch.
 
     Follows ADM's evaluator: reference statistics from the file when stored (else from arr_0),
     precision / recall on pool_3 features of all reference and sample images (None when the
-    reference has no images), IS over `is_splits` splits of the samples.
+    reference has no images) with float16 distances (pr_distance_dtype="float32" for float32, see
+    precision_recall), IS over consecutive splits of is_split_size = 5000 samples, or is_splits equal
+    splits instead (see inception_score). The result names the IS split definition (is_splits, in
+    words, and is_split_sizes) and the distance precision used.
     """
     samples = load_batch(sample_npz)
     if "arr_0" not in samples:
@@ -152,6 +178,10 @@ def evaluate_samples(
             f"{ref['arr_0'].shape[1:]} differ in size; evaluate at the reference's "
             "resolution"
         )
+    n = len(samples["arr_0"])
+    sizes = is_split_sizes(n, is_split_size, is_splits)  # bad options fail before the network runs
+    if pr_distance_dtype not in PR_DISTANCE_DTYPES:
+        raise ValueError(f"pr_distance_dtype must be one of {PR_DISTANCE_DTYPES}, got {pr_distance_dtype!r}")
 
     sample_acts = compute_activations(samples["arr_0"], net, batch_size)
     ref_acts = None
@@ -164,12 +194,15 @@ def evaluate_samples(
     if ref_acts is not None:
         device = next(net.parameters()).device
         real, fake = (torch.from_numpy(a["pool"]).to(device) for a in (ref_acts, sample_acts))
-        precision, recall = precision_recall(real, fake, k=k)
+        precision, recall = precision_recall(real, fake, k=k, distance_dtype=pr_distance_dtype)
     return {
         "fid": frechet_distance(*sample_acts["stats"], *ref_stats),
         "sfid": frechet_distance(*sample_acts["stats_s"], *ref_stats_s),
-        "inception_score": inception_score(sample_acts["logits"], splits=is_splits),
+        "inception_score": inception_score(sample_acts["logits"], split_size=is_split_size, splits=is_splits),
+        "is_splits": describe_is_splits(n, is_split_size, is_splits),
+        "is_split_sizes": sizes,
         "precision": precision,
         "recall": recall,
-        "n": int(len(samples["arr_0"])),
+        "pr_distance_dtype": pr_distance_dtype if ref_acts is not None else None,
+        "n": int(n),
     }
