@@ -4,7 +4,7 @@ import json
 
 from sendvae.cli import main
 
-TINY = "--batch 2 --iters 1 --warmup 0 --json".split()
+TINY = "--batch-size 2 --iters 1 --warmup 0 --json".split()
 
 
 def _rows(out: str) -> list[dict]:

@@ -83,3 +83,16 @@ def test_train_vae_presets_resolve():
     assert paper.mapper.depth == 1 and paper.mapper.noise and paper.teacher.enc_type == "dinov2-vit-b"
     with pytest.raises(ValueError, match="shapes-tiny"):
         PRESETS.build("nope")
+
+
+def test_testing_aids_work_but_are_not_in_help(capsys):
+    import pytest
+
+    from sendvae.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-vae", "--help"])
+    out = capsys.readouterr().out
+    assert "--run.fault" not in out and "--run.seed" in out
+    assert main(["train-vae", "--run.fault_exit_step", "3", "--dry-run"]) == 0
+    assert '"fault_exit_step": 3' in capsys.readouterr().out

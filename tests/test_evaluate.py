@@ -8,10 +8,14 @@ import torch
 
 import sendvae.metrics.adm as adm
 import sendvae.metrics.frechet as frechet
-from sendvae.commands.evaluate import main
+from sendvae.cli import main as cli_main
 from sendvae.metrics.features import FeatureExtractor
 from sendvae.metrics.recon import PSNR_MAX, psnr, ssim
 from tests.test_inception import _random_state_dict
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["evaluate", *argv])
 
 
 def _noise(n, size=32, seed=0, lo=0, hi=256):
@@ -173,7 +177,7 @@ def test_inception_weights_download_only_when_allowed(tmp_path, inception_weight
 def test_recon_writes_json(tmp_path):
     out = tmp_path / "recon.json"
     argv = ["--recon", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32", "--num-images", "8"]
-    assert main(argv + ["--batch-size", "4", "--device", "cpu", "--output", str(out)]) == 0
+    assert main(argv + ["--batch-size", "4", "--device", "cpu", "--output-json", str(out)]) == 0
     m = json.loads(out.read_text())
     assert {"FD_efficientnet-lite0", "psnr", "ssim", "lpips", "n"} <= m.keys()
     assert "rFID" not in m and m["n"] == 8
@@ -184,7 +188,7 @@ def test_recon_rfid(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setattr(frechet, "frechet_distance", _cheap_fd)
     out = tmp_path / "recon.json"
     argv = ["--recon", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32", "--num-images", "2"]
-    argv += ["--inception-weights", str(inception_weights), "--device", "cpu", "--output", str(out)]
+    argv += ["--inception-weights", str(inception_weights), "--device", "cpu", "--output-json", str(out)]
     assert main(argv) == 0
     m = json.loads(out.read_text())
     assert m["rFID"] > 0 and not any(k.startswith("FD_") for k in m)

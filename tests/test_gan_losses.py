@@ -17,7 +17,6 @@ from sendvae.losses.gan import (
     d_non_saturating_loss,
     g_loss,
     g_non_saturating_loss,
-    gan_start_factor,
 )
 
 REAL = torch.tensor([2.0, 0.5, -1.0, 0.0])
@@ -118,10 +117,3 @@ def test_adaptive_gan_weight_clamped():
     assert adaptive_gan_weight(nll, gen, w).item() == pytest.approx(1e4)
     assert adaptive_gan_weight(nll, gen, w, max_weight=50.0).item() == pytest.approx(50.0)
     assert adaptive_gan_weight(gen, nll, w).item() == 0.0
-
-
-def test_gan_start_factor():
-    assert gan_start_factor(0, 100) == 0.0
-    assert gan_start_factor(99, 100) == 0.0
-    assert gan_start_factor(100, 100) == 1.0
-    assert gan_start_factor(5, 0) == 1.0

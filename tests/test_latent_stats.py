@@ -39,7 +39,7 @@ def sit_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lat")
     store = root / "store"
     cache = ["cache-latents", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32",
-             "--num-images", "16", "--output", str(store), "--workers", "0", "--no-progress"]  # fmt: skip
+             "--num-images", "16", "--output-dir", str(store), "--workers", "0", "--no-progress"]  # fmt: skip
     assert main(cache) == 0
     args = ["train-sit", "--preset", "shapes-tiny", "--store", str(store), "--output-dir", str(root),
             "--exp-name", "sit", "--max-steps", "2", "--batch-size", "4", "--vae", "tiny-f4d4",
@@ -52,7 +52,7 @@ def sit_run(tmp_path_factory):
 
 def _sample(run, out, *extra):
     return main(["sample", "--exp-path", str(run), "--num-samples", "4", "--batch-size", "4", "--steps", "2",
-                 "--output", str(out), "--no-progress", "--device", "cpu", *extra])  # fmt: skip
+                 "--output-dir", str(out), "--no-progress", "--device", "cpu", *extra])  # fmt: skip
 
 
 def _images(out):

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sendvae.commands.cache_latents import STOP_AFTER_ENV, main
+from sendvae.cli import main as cli_main
 from sendvae.data import ShapesDataset, to_float
+from sendvae.data.caching import STOP_AFTER_ENV
 from sendvae.data.latent_store import (
     LatentStoreMismatchError,
     bytes_per_image,
@@ -34,10 +35,14 @@ TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executab
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def main(argv: list[str]) -> int:
+    return cli_main(["cache-latents", *argv])
+
+
 def cache_args(vae: Path, out: Path, *extra: str) -> list[str]:
     return [
         *["--vae", str(vae), "--data", "shapes", "--num-images", str(N), "--resolution", str(RES)],
-        *["--output", str(out), "--batch-size", "3", "--shard-size", str(SHARD), "--workers", "0"],
+        *["--output-dir", str(out), "--batch-size", "3", "--shard-size", str(SHARD), "--workers", "0"],
         *["--no-progress", "--device", "cpu", *extra],
     ]
 
@@ -106,7 +111,7 @@ def test_statistics_equal_float64(store_dir):
 @pytest.mark.slow
 def test_two_processes_write_the_same_store(store_dir, vae_dir, tmp_path):
     out = tmp_path / "two"
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sendvae.commands.cache_latents"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sendvae.cli", "cache-latents"]
     r = subprocess.run([*cmd, *cache_args(vae_dir, out)], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_all(store_dir), read_all(out)
@@ -120,7 +125,7 @@ def test_two_processes_write_the_same_store(store_dir, vae_dir, tmp_path):
 
 def test_interrupted_run_resumes(store_dir, vae_dir, tmp_path, capsys):
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "sendvae.commands.cache_latents", *cache_args(vae_dir, out)]
+    cmd = [sys.executable, "-m", "sendvae.cli", "cache-latents", *cache_args(vae_dir, out)]
     r = subprocess.run(cmd, env={**ENV, STOP_AFTER_ENV: "2"}, capture_output=True, text=True)
     assert r.returncode == 75, r.stderr[-3000:]
     done = sorted(p.name for p in out.glob("shard-*.json"))
@@ -194,7 +199,7 @@ def test_manifest_contents(store_dir, vae_dir):
 
 def test_teacher_tokens(vae_dir, tmp_path, capsys):
     out, n = tmp_path / "feats", 10
-    args = cache_args(vae_dir, out, "--teacher", "dinov2-vit-s", "--teacher-random-init")
+    args = cache_args(vae_dir, out, "--enc-type", "dinov2-vit-s", "--teacher-random-init")
     args[args.index("--num-images") + 1] = str(n)
     assert main(args) == 0
     printed = capsys.readouterr().out

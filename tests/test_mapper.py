@@ -204,13 +204,17 @@ def test_running_stats_converge_to_data_stats():
     norm = LatentNorm(4, "running", momentum=0.1).train()
     for _ in range(80):  # the initial (0, 1) has decayed to 0.9^80 = 2e-4 of its weight
         norm(mean.view(1, 4, 1, 1) + std.view(1, 4, 1, 1) * torch.randn(16, 4, 8, 8))
-    torch.testing.assert_close(norm.running_mean, mean, atol=0.05, rtol=0)
-    torch.testing.assert_close(norm.running_var.sqrt(), std, atol=0.05, rtol=0.02)
+    # Errors in units of each channel's std. Measured over torch seeds 0-19, worst channel: mean error
+    # min 0.006, mean 0.010, max 0.017; std error min 0.003, mean 0.008, max 0.016. Margin: 0.04.
+    assert ((norm.running_mean - mean) / std).abs().max() < 0.04, norm.running_mean
+    assert ((norm.running_var.sqrt() - std) / std).abs().max() < 0.04, norm.running_var
     norm.eval()
     y = norm(mean.view(1, 4, 1, 1) + std.view(1, 4, 1, 1) * torch.randn(64, 4, 8, 8))
     var, mu = torch.var_mean(y, dim=(0, 2, 3))
-    torch.testing.assert_close(mu, torch.zeros(4), atol=0.05, rtol=0)
-    torch.testing.assert_close(var, torch.ones(4), atol=0.06, rtol=0)
+    # seeds 0-19, worst channel: |mean| min 0.008, mean 0.023, max 0.036; |var - 1| min 0.015, mean 0.038,
+    # max 0.082 (the running estimate's error plus 4096 samples' own). Margins: 0.08 and 0.15.
+    torch.testing.assert_close(mu, torch.zeros(4), atol=0.08, rtol=0)
+    torch.testing.assert_close(var, torch.ones(4), atol=0.15, rtol=0)
 
 
 def test_fixed_norm_uses_vae_stats():

@@ -282,7 +282,7 @@ def test_cli(tmp_path, bad_folder, capsys):
 
 def test_cli_shapes_source(tmp_path):
     pytest.importorskip("sendvae.data.shapes")
-    args = _parse(["-", str(tmp_path / "out"), "--source", "shapes", "--resolution", "32",
+    args = _parse(["-", str(tmp_path / "out"), "--data", "shapes", "--resolution", "32",
                    "--num-images", "6", "--workers", "0", "--no-progress"])  # fmt: skip
     assert prepare_cmd.run(args) == 0
     ds = PreparedDataset(tmp_path / "out")

@@ -26,8 +26,9 @@ from sendvae.analysis.probes import (
     standardize,
     top_k_recall,
 )
-from sendvae.commands import probe as cmd
-from sendvae.models.vae_io import load_vae, save_vae
+from sendvae.cli import main as cli_main
+from sendvae.models.vae_diffusers import save_vae
+from sendvae.models.vae_io import load_vae
 
 # -- metrics ---------------------------------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ def test_kde_uniformity_orders_spread_and_clustered():
     spread = rng.uniform(-1, 1, (400, 2))
     clustered = np.r_[rng.normal(0, 0.01, (200, 2)), rng.uniform(-1, 1, (200, 2))]  # half the mass in a spot
     g_spread, g_clustered = kde_uniformity(spread, dim=2), kde_uniformity(clustered, dim=2)
+    # numpy seeds 0-19: spread min 0.108, mean 0.132, max 0.160; clustered min 0.444, mean 0.453, max 0.458
     assert g_spread < 0.25 and g_clustered > 0.4
 
 
@@ -83,6 +85,7 @@ def test_gmm_discrimination_prefers_clusters():
     clusters = centres[rng.integers(0, 4, 600)] + rng.normal(0, 0.3, (600, 6))
     blob = rng.normal(0, 1, (600, 6))
     a, b = gmm_discrimination(clusters, 4, dim=6), gmm_discrimination(blob, 4, dim=6)
+    # numpy seeds 0-19: log-likelihood gap min 0.92, mean 1.18, max 1.45; BIC gap min 11.0 per sample
     assert a["gmm_loglik_per_dim"] > b["gmm_loglik_per_dim"] + 0.3
     assert a["gmm_bic_per_sample"] < b["gmm_bic_per_sample"]
 
@@ -94,6 +97,7 @@ def test_cknna_properties():
     assert cknna(a, a) == pytest.approx(1.0)
     assert cknna(a, 3.0 * a @ q) == pytest.approx(1.0)  # rotation and scale do not change the geometry
     near, far = cknna(a, a + 0.5 * rng.normal(size=a.shape)), cknna(a, rng.normal(size=a.shape))
+    # numpy seeds 0-19: near min 0.458, mean 0.479, max 0.499; far min 0.028, mean 0.044, max 0.055
     assert abs(far) < 0.1 < near < 1.0
     with pytest.raises(ValueError, match="same images"):
         cknna(a, a[:10])
@@ -183,13 +187,15 @@ def test_probes_on_linear_targets():
     assert len(set(split.train) | set(split.val) | set(split.test)) == 300
     xs = standardize(x, split.train)
     cls = np.argmax(x[:, :3], 1)
-    assert probe_categorical(xs, cls, split)["accuracy"] > 0.85
+    # Over data seeds 0-19 (split seed + 1; 60 test images, chance 1/3): accuracy min 0.867, mean 0.928,
+    # max 0.983; F1 micro min 0.884, mean 0.951, max 0.990; R^2 > 0.9999. Margins: 0.8 and 0.95.
+    assert probe_categorical(xs, cls, split)["accuracy"] > 0.8
     y = x @ rng.normal(size=10)
     y[:20] = np.nan  # does not apply: left out
     assert probe_continuous(xs, y, split)["r2"] > 0.95
     multi = np.stack([x[:, 0] > 0, x[:, 1] > 0.5, np.zeros(300, bool)], 1)  # one never-true attribute
     r = probe_multilabel(xs, multi, split)
-    assert r["f1_micro"] > 0.85 and 0 < r["f1_macro"] < r["f1_micro"] and r["top5_recall"] == 1.0
+    assert r["f1_micro"] > 0.8 and 0 < r["f1_macro"] < r["f1_micro"] and r["top5_recall"] == 1.0
 
 
 # -- attribute files ---------------------------------------------------------------------------------------
@@ -256,8 +262,13 @@ def test_attribute_files_bad_input(tmp_path):
 
 # -- the command -----------------------------------------------------------------------------------------
 
+
+def probe_main(argv: list[str]) -> int:
+    return cli_main(["probe", *argv])
+
+
 ARGS = ["--data", "shapes", "--num-images", "600", "--resolution", "32", "--pixel-size", "8", "--no-progress"]
-ARGS += ["--teacher", "none"]  # CKNNA with the embedded teacher: test_probe_from_latent_stores
+ARGS += ["--enc-type", "none"]  # CKNNA with the embedded teacher: test_probe_from_latent_stores
 
 
 def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
@@ -266,8 +277,8 @@ def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
     save_vae(load_vae("tiny-f4d4"), folder)  # an exported VAE folder is accepted like a trained one
     out = tmp_path / "out"
     gfd = ["--gfd", "tiny-f4d4=9.0", "--gfd", "other-vae=8.0", "--gfd", "pixels=12.5"]
-    argv = [*ARGS, "--vae", "tiny-f4d4", "--vae", str(folder), "--pixels", *gfd, "--output", str(out)]
-    assert cmd.main(argv) == 0
+    argv = [*ARGS, "--vae", "tiny-f4d4", "--vae", str(folder), "--pixels", *gfd, "--output-dir", str(out)]
+    assert probe_main(argv) == 0
     for f in ("probe.md", "probe.csv", "probe.json", "groups.png", "gfd_scatter.png"):
         assert (out / f).stat().st_size > 0
     report = json.loads((out / "probe.json").read_text())
@@ -278,7 +289,8 @@ def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
         s = r["summary"]
         assert 0 <= s["f1_macro"] <= 1 and 0 <= s["f1_micro"] <= 1 and 0 < s["top5_recall"] <= 1
         assert 0 <= s["uniformity_gini"] < 1 and np.isfinite(s["gmm_loglik_per_dim"])
-    # raw pixels read the fill colour far better than chance (8 palette colours)
+    # raw pixels read the fill colour far better than chance (8 palette colours); over --seed 0-5 (the
+    # split): accuracy / chance min 4.2, mean 5.8, max 7.3
     colour = res["pixels"]["tasks"]["colour"]
     assert colour["accuracy"] > 2 * colour["chance"]
     scores = [res[k]["summary"]["top5_recall"] for k in ("tiny-f4d4", "other-vae", "pixels")]
@@ -296,7 +308,7 @@ def test_probe_command_pixels_vs_random_encoder(tmp_path, capsys):
     assert csv_rows[0].startswith("model,group:shape") and len(csv_rows) == 4
 
     again = tmp_path / "again"  # a rerun (here of one model) gives the same numbers
-    assert cmd.main([*ARGS, "--vae", "tiny-f4d4", "--output", str(again)]) == 0
+    assert probe_main([*ARGS, "--vae", "tiny-f4d4", "--output-dir", str(again)]) == 0
     rerun = json.loads((again / "probe.json").read_text())["results"]["tiny-f4d4"]["summary"]
     for k, v in res["tiny-f4d4"]["summary"].items():
         assert rerun[k] == pytest.approx(v, abs=1e-6), k
@@ -306,18 +318,19 @@ def test_probe_command_bad_input(tmp_path, capsys):
     vae = load_vae("tiny-f4d4")
     decoder_only = {k: v for k, v in vae.state_dict().items() if not k.startswith("encoder.")}
     torch.save(decoder_only, tmp_path / "decoder.pt")
-    assert cmd.main([*ARGS, "--vae", str(tmp_path / "decoder.pt"), "--output", str(tmp_path / "o")]) == 2
+    o = ["--output-dir", str(tmp_path / "o")]
+    assert probe_main([*ARGS, "--vae", str(tmp_path / "decoder.pt"), *o]) == 2
     assert "encoder.conv_in.weight" in capsys.readouterr().err
-    assert cmd.main([*ARGS, "--pixels", "--gfd", "nobody=3", "--output", str(tmp_path / "o")]) == 2
+    assert probe_main([*ARGS, "--pixels", "--gfd", "nobody=3", "--output-dir", str(tmp_path / "o")]) == 2
     assert "no model named 'nobody'" in capsys.readouterr().err
-    assert cmd.main([*ARGS, "--output", str(tmp_path / "o")]) == 2
+    assert probe_main([*ARGS, "--output-dir", str(tmp_path / "o")]) == 2
     assert "nothing to probe" in capsys.readouterr().err
-    assert cmd.main([*ARGS, "--data", "celeba", "--pixels", "--output", str(tmp_path / "o")]) == 2
-    assert "--data-root" in capsys.readouterr().err
+    assert probe_main([*ARGS, "--data", "celeba", "--pixels", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--data-path" in capsys.readouterr().err
 
 
 def test_model_names_from_runs_and_explicit_labels(tmp_path):
-    from sendvae.commands.probe import model_label, split_source
+    from sendvae.analysis.features import model_label, split_source
 
     export = tmp_path / "my-run" / "export" / "vae"
     export.mkdir(parents=True)
@@ -327,19 +340,21 @@ def test_model_names_from_runs_and_explicit_labels(tmp_path):
 
 
 def test_probe_from_latent_stores(tmp_path, capsys):
-    from sendvae.commands.cache_latents import main as cache
+    def cache(argv: list[str]) -> int:
+        return cli_main(["cache-latents", *argv])
 
     torch.manual_seed(0)
     vae = tmp_path / "vae"
     save_vae(load_vae("tiny-f4d4"), vae)
     common = ["--vae", str(vae), "--resolution", "32", "--no-progress", "--device", "cpu", "--workers", "0"]
-    assert cache([*common, "--data", "shapes", "--num-images", "120", "--output", str(tmp_path / "s")]) == 0
+    shapes = ["--data", "shapes", "--num-images", "120", "--output-dir", str(tmp_path / "s")]
+    assert cache([*common, *shapes]) == 0
     # the store's latents and the same VAE run on the same images give the same probe numbers
     # (the per-channel normalisation differs, but the probes standardise every dimension; the latent
     # measures see the normalised latents and may differ)
     out = tmp_path / "out"
-    argv = ["--latents", f"store={tmp_path / 's'}", "--vae", str(vae), "--num-images", "100"]
-    assert cmd.main([*argv, "--no-progress", "--output", str(out)]) == 0
+    argv = ["--store", f"store={tmp_path / 's'}", "--vae", str(vae), "--num-images", "100"]
+    assert probe_main([*argv, "--no-progress", "--output-dir", str(out)]) == 0
     res = json.loads((out / "probe.json").read_text())["results"]
     assert res["store"]["feature_dim"] == res["vae"]["feature_dim"] == 4 * 8 * 8
     for k, v in res["vae"]["summary"].items():
@@ -354,16 +369,17 @@ def test_probe_from_latent_stores(tmp_path, capsys):
         for i in range(12):
             colour = (200, 30 + 5 * i, 30) if c == "cat" else (30, 30 + 5 * i, 200)
             Image.new("RGB", (40, 40), colour).save(tmp_path / "imgs" / c / f"{i}.png")
-    folder = ["--data", "imagefolder", "--data-path", str(tmp_path / "imgs"), "--output", str(tmp_path / "f")]
+    folder = ["--data", "imagefolder", "--data-path", str(tmp_path / "imgs")]
+    folder += ["--output-dir", str(tmp_path / "f")]
     assert cache([*common, *folder]) == 0
     out2 = tmp_path / "out2"
-    assert cmd.main(["--latents", str(tmp_path / "f"), "--no-progress", "--output", str(out2)]) == 0
+    assert probe_main(["--store", str(tmp_path / "f"), "--no-progress", "--output-dir", str(out2)]) == 0
     summary = json.loads((out2 / "probe.json").read_text())["results"]["f"]["summary"]
     assert summary["class_accuracy"] == 1.0  # red vs blue squares
     capsys.readouterr()
-    assert cmd.main(["--latents", str(tmp_path / "f"), "--pixels", "--no-progress"]) == 2
+    assert probe_main(["--store", str(tmp_path / "f"), "--pixels", "--no-progress"]) == 2
     assert "not at hand for --vae / --pixels" in capsys.readouterr().err
-    assert cmd.main(["--latents", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert probe_main(["--store", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     assert "not a latent store" in capsys.readouterr().err
 
 
@@ -382,7 +398,7 @@ def test_trained_vae_beats_baselines_and_no_alignment(tmp_path):
     out = tmp_path / "probe"
     argv = [*ARGS, "--vae", f"trained={tmp_path / 's' / 'export' / 'vae'}", "--vae", "tiny-f4d16", "--pixels"]
     argv += ["--vae", f"no-align={tmp_path / 'n' / 'export' / 'vae'}"]
-    assert cmd.main([*argv, "--output", str(out)]) == 0
+    assert probe_main([*argv, "--output-dir", str(out)]) == 0
     res = json.loads((out / "probe.json").read_text())["results"]
     assert res["trained"]["beats_baselines"]["position"]
     pos = {k: r["summary"]["group:position"] for k, r in res.items()}

@@ -263,7 +263,7 @@ def test_refused_changes_lists_what_differs():
 
 
 def test_sample_killed_after_npz_finishes_grid_and_parts(run_dir, tmp_path):  # noqa: F811
-    from sendvae.commands.sample import main as sample_main
+    from .test_sample_cmd import main as sample_main
 
     out = tmp_path / "out"
     assert sample_main(sample_args(run_dir, out)) == 0

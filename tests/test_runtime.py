@@ -76,3 +76,18 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
         os.umask(old)
     for name in ("x.json", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_library_log_lines_reach_the_run_log(tmp_path, capsys):
+    import logging
+
+    from sendvae.runtime.log import RunLogger, configure_logging
+
+    configure_logging()
+    log = RunLogger(tmp_path)
+    logging.getLogger("sendvae.teachers.base").info("ignored 3 keys")
+    log.close()
+    logging.getLogger("sendvae.teachers.base").info("after close")
+    text = (tmp_path / "log.txt").read_text()
+    assert "ignored 3 keys" in text and "after close" not in text
+    assert "ignored 3 keys" in capsys.readouterr().out

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sendvae.cli import main as cli_main
-from sendvae.commands.sample import main, make_labels
 from sendvae.config import to_dict
 from sendvae.data.latent_store import LatentStore
+from sendvae.diffusion.generate import make_labels
 from sendvae.models.sit import SiT, SiTConfig
 from sendvae.runtime import checkpoint as ckpt
 from sendvae.train.sit_config import TrainSiTConfig
@@ -23,13 +23,17 @@ TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executab
 NAME = "samples_run-0000002-ema_4ode_euler_cfg1.5_0-1_fp32_seed3_n10"
 
 
+def main(argv: list[str]) -> int:
+    return cli_main(["sample", *argv])
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A train-sit run folder: a checkpoint with the trainer's keys, over a real 4x8x8 latent store."""
     root = tmp_path_factory.mktemp("sample")
     store = root / "store"
     args = ["cache-latents", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32",
-            "--num-images", "16", "--output", str(store), "--workers", "0", "--no-progress"]  # fmt: skip
+            "--num-images", "16", "--output-dir", str(store), "--workers", "0", "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
     st = LatentStore(store)
     cfg = TrainSiTConfig()
@@ -55,7 +59,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def _args(run_dir: Path, out: Path, **kw) -> list[str]:
     args = ["--exp-path", str(run_dir), "--num-samples", "10", "--batch-size", "4", "--seed", "3",
-            "--steps", "4", "--cfg-scale", "1.5", "--output", str(out), "--no-progress",
+            "--steps", "4", "--cfg-scale", "1.5", "--output-dir", str(out), "--no-progress",
             "--device", "cpu"]  # fmt: skip
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -82,7 +86,7 @@ def test_sample_writes_adm_npz_and_grid(run_dir, tmp_path):
 def test_two_processes_equal_one_and_resume_skips_parts(run_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(run_dir, one)) == 0
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sendvae.commands.sample"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sendvae.cli", "sample"]
     r = subprocess.run([*cmd, *_args(run_dir, two)], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(one / f"{NAME}.npz") as a, np.load(two / f"{NAME}.npz") as b:
@@ -116,7 +120,7 @@ def test_clear_errors(run_dir, tmp_path, capsys):
     sit = SiT(SiTConfig.from_dict(state["model_config"]))
     sit.load_state_dict(state["ema"])
     sit.save_pretrained(export)
-    model_only = ["--model", str(export), "--num-samples", "2", "--output", str(tmp_path / "e")]
+    model_only = ["--model", str(export), "--num-samples", "2", "--output-dir", str(tmp_path / "e")]
     assert main(model_only) == 2
     assert "pass --vae" in capsys.readouterr().err
     # with a VAE and the store's statistics it samples, and equals the run's EMA sampled via --exp-path
@@ -131,18 +135,18 @@ def test_clear_errors(run_dir, tmp_path, capsys):
 
 
 def test_nan_samples_name_their_indices(run_dir, tmp_path, monkeypatch):
-    import sendvae.commands.sample as cmd
+    import sendvae.diffusion.generate as gen
 
-    real = cmd.sample
+    real = gen.sample
 
     def poisoned(model, labels, seeds, cfg):
         z = real(model, labels, seeds, cfg)
         z[[i for i, s in enumerate(seeds) if s - 3 == 5]] = float("nan")  # image index 5
         return z
 
-    monkeypatch.setattr(cmd, "sample", poisoned)
+    monkeypatch.setattr(gen, "sample", poisoned)
     with pytest.raises(FloatingPointError, match=r"indices \[5\]"):
-        cmd.main([*_args(run_dir, tmp_path), "--traceback"])
+        main([*_args(run_dir, tmp_path), "--traceback"])
 
 
 def test_original_sit_checkpoint_samples_like_sits_own_sampler(tmp_path):
@@ -157,7 +161,7 @@ def test_original_sit_checkpoint_samples_like_sits_own_sampler(tmp_path):
     torch.save(sd, path)  # the released file is a bare state dict
     out = tmp_path / "out"
     args = ["--model", str(path), "--vae", "tiny-f4d4", "--num-samples", "6", "--batch-size", "4", "--seed",
-            "3", "--steps", "6", "--output", str(out), "--no-progress", "--device", "cpu",
+            "3", "--steps", "6", "--output-dir", str(out), "--no-progress", "--device", "cpu",
                 "--latent-stats", "vae"]  # fmt: skip
     assert main(args) == 0
     (npz,) = out.glob("*.npz")

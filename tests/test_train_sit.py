@@ -28,7 +28,7 @@ def _store(path, teacher: bool, vae: str = "tiny-f4d4") -> str:
         "40",
         "--num-images",
         "48",
-        "--output",
+        "--output-dir",
         str(path),
         "--workers",
         "0",
@@ -37,7 +37,7 @@ def _store(path, teacher: bool, vae: str = "tiny-f4d4") -> str:
         "--no-progress",
     ]
     if teacher:
-        args += ["--teacher", "efficientnet-lite0"]
+        args += ["--enc-type", "efficientnet-lite0"]
     assert main(args) == 0
     return str(path)
 
@@ -84,6 +84,10 @@ def test_loss_falls_and_repa_cosine_rises(tmp_path, stores):
     )
     assert main(["train-sit", *args, "--vae", "tiny-f4d4"]) == 0
     rows = read_stats(tmp_path / "run" / "stats.jsonl")
+    # Rows are 20-step means. Measured over --run.seed 0-5 on this store and 0-1 on a store of dataset
+    # seed 1, last / first: denoise ratio min 0.30, mean 0.33, max 0.37; REPA cosine rise min +0.18, mean
+    # +0.20, max +0.21 (seed 0 with AVX2 kernels: the same to 3 digits). The margins leave the worst run
+    # 0.43 and 0.13 to spare.
     assert rows[-1]["denoise"] < 0.8 * rows[0]["denoise"], (rows[0], rows[-1])
     assert rows[-1]["cos"] > rows[0]["cos"] + 0.05, (rows[0], rows[-1])
     assert "tflops" in rows[-1] and rows[-1]["nan_steps"] == 0
@@ -145,7 +149,7 @@ def test_bad_input_is_a_clear_error(tmp_path, stores, capsys, extra, message):
 def test_repa_without_cached_features_says_what_to_do(tmp_path, stores, capsys):
     assert main(["train-sit", *_args(tmp_path, stores["plain"])]) == 2
     err = capsys.readouterr().err
-    assert "--teacher" in err and "proj_coeff 0" in err
+    assert "--enc-type" in err and "--proj-coeff 0" in err
 
 
 def test_online_teacher_trains_without_cached_features(tmp_path, stores):

@@ -128,15 +128,28 @@ def test_wrong_vae_checkpoint_family_is_refused(tmp_path, tiny_args, capsys):
 
 
 def test_alignment_rises_and_reconstruction_falls(tmp_path, tiny_args):
-    """A shorter shapes-tiny run: the log shows the mean cosine rising and the L1 falling."""
+    """A shorter shapes-tiny run on one fixed batch of 8 images: the log shows the mean cosine rising and
+    the reconstruction loss falling.
+
+    One fixed batch, not the whole dataset: on fresh batches the tiny VAE first sits on a plateau where
+    it decodes every image to the mean image (rec ~0.3, batch-to-batch noise +-0.1) and leaves it after a
+    number of steps that varies from 15 to over 150 with the seed, and with the CPU (seed 0 at 90 steps:
+    rec ratio 0.86 with AVX-512 kernels, 0.34 with AVX2 ones). On a fixed batch the fall is smooth.
+    Measured over seeds 0-7 (--run.seed, which also draws the 8 images), last row / first row of the
+    15-step means: rec ratio min 0.10, mean 0.19, max 0.36; cosine rise min +0.21, mean +0.24, max +0.26
+    (seed 0 with the AVX2 and the plain C++ kernels: 0.10 and +0.25, as with AVX-512). The margins,
+    rec < 0.6x and cosine > +0.1, leave the worst seed 0.24 and 0.11 to spare.
+    """
     args = tiny_args(
-        tmp_path, steps=90, **{"optim.batch_size": 8, "loss.gan_start": 1000, "run.log_every": 15}
+        tmp_path,
+        steps=90,
+        **{"optim.batch_size": 8, "data.shapes_length": 8, "loss.gan_start": 1000, "run.log_every": 15},
     )
     assert main(["train-vae", *args]) == 0
     rows = read_stats(tmp_path / "run" / "stats.jsonl")
     first, last = rows[0], rows[-1]
-    assert last["cos"] > first["cos"] + 0.05, (first["cos"], last["cos"])
-    assert last["rec"] < 0.8 * first["rec"], (first["rec"], last["rec"])
+    assert last["cos"] > first["cos"] + 0.1, (first["cos"], last["cos"])
+    assert last["rec"] < 0.6 * first["rec"], (first["rec"], last["rec"])
 
 
 @pytest.mark.parametrize(

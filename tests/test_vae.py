@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -65,25 +64,27 @@ def test_ldm_key_layout():
 
 @pytest.mark.parametrize("name", ["tiny-f8d4", "tiny-f16d32"])
 def test_tiny_presets_train_step(name):
+    """Two optimizer steps of a tiny preset: shapes, gradients everywhere, and small enough for CPU tests.
+
+    How fast a step runs is a benchmark, not a test: ``sendvae bench vae --vae tiny-f8d4`` (this step:
+    encode, decode, backward) and ``sendvae bench train-vae --vae tiny-f8d4 --enc-type efficientnet-lite0``
+    (the whole Send-VAE step) measure the tiny presets.
+    """
     torch.manual_seed(0)
     vae = AutoencoderKL(VAE_CONFIGS[name])
     assert _count(vae) < 500_000
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    times = []
     for _ in range(2):
-        t0 = time.perf_counter()
         recon, post = vae(x)
         loss = (recon - x).abs().mean() + 1e-6 * post.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
     f = vae.downsample_factor
     assert recon.shape == x.shape
     assert post.mean.shape == (2, vae.latent_channels, 64 // f, 64 // f)
     assert all(p.grad is not None for p in vae.parameters())
-    assert min(times) < 2.0  # a fraction of a second unloaded; generous for a shared 2-core machine
 
 
 def test_diagonal_gaussian_against_hand_formulas():

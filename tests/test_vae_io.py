@@ -6,13 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from sendvae.models.vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
-from sendvae.models.vae_io import (
-    CheckpointMismatchError,
-    diffusers_to_ldm,
-    infer_vae_config,
-    ldm_to_diffusers,
-    load_vae,
-)
+from sendvae.models.vae_diffusers import diffusers_to_ldm, ldm_to_diffusers
+from sendvae.models.vae_io import CheckpointMismatchError, infer_vae_config, load_vae
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -166,7 +166,7 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["sample", "--model", "{bad}", "--output", "{out}", "--num-samples", "2"],
+        ["sample", "--model", "{bad}", "--output-dir", "{out}", "--num-samples", "2"],
         ["evaluate", "--make-ref", "{out}/ref.npz", "--data", "shapes", "--num-images", "4",
          "--inception-weights", "{bad}"],
         ["train-vae", "--preset", "shapes-tiny", "--output-dir", "{out}", "--vae-ckpt", "{bad}",

@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:
 
         return load_teacher
     if name == "load_mapper":
-        from .train.export import load_mapper
+        from .models.mapper import load_mapper
 
         return load_mapper
     if name == "load_sit":

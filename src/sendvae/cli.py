@@ -1,8 +1,16 @@
 """``sendvae <command>``: one entry point for every stage of the pipeline.
 
 Each command lives in ``sendvae.commands.<module>`` with ``NAME``, ``HELP``, ``add_arguments(parser)``
-and ``run(args) -> int``; modules are imported only when their command runs, so ``sendvae --help``
-stays fast and a missing optional dependency only affects its own command.
+and ``run(args) -> int``, a thin shell over the library; modules are imported only when their command
+runs, so ``sendvae --help`` stays fast and a missing optional dependency only affects its own command.
+``sendvae <command>`` and ``python -m sendvae.cli <command>`` (what torchrun runs: ``torchrun ... -m
+sendvae.cli <command>``) are the entry points.
+
+One vocabulary: a concept has one option name in every command (the reference scripts' names:
+``--output-dir``, ``--exp-name``, ``--vae``, ``--vae-ckpt``, ``--enc-type``, ``--teacher-weights``,
+``--data-path``, ``--seed``, ``--device``, ...; tests/test_cli_vocabulary.py holds the table), options are
+never abbreviated (``allow_abbrev=False`` everywhere: ``--out`` is an error, not ``--output-dir``), and
+every option's help shows its default.
 """
 
 from __future__ import annotations
@@ -32,13 +40,45 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="sendvae", description="Send-VAE: semantic-disentangled VAEs and latent diffusion, end to end."
+        prog="sendvae",
+        description="Send-VAE: semantic-disentangled VAEs and latent diffusion, end to end.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sendvae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        sub.add_parser(name, help=help_text, add_help=False, allow_abbrev=False)
     return parser
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the text already speaks of its default, or the
+    default is nothing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or "default" in text or d is argparse.SUPPRESS:
+            return text
+        if d is None or d is False or (isinstance(d, list) and not d):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def command_parser(module) -> argparse.ArgumentParser:
+    """The parser of one command module: its ``add_arguments``, no abbreviations, defaults in the help."""
+    p = argparse.ArgumentParser(
+        prog=f"sendvae {module.NAME}",
+        description=module.HELP,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
+    module.add_arguments(p)
+    try:
+        p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
+    except argparse.ArgumentError:  # the command has it already
+        pass
+    return p
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -63,13 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(module, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` for a command module and run it; bad input is one clear line and exit code 2.
+    """Parse ``argv`` for a command module and run it; bad input is one clear line and exit code 2."""
+    from .runtime.log import configure_logging
 
-    Also what ``python -m sendvae.commands.<module>`` runs (each module's ``main``).
-    """
-    p = argparse.ArgumentParser(prog=f"sendvae {module.NAME}", description=module.HELP)
-    module.add_arguments(p)
-    args = p.parse_args(argv)
+    configure_logging(to_stderr=getattr(module, "STDOUT_IS_DATA", False))
+    args = command_parser(module).parse_args(argv)
     try:
         return int(module.run(args) or 0)
     except Exception as e:

@@ -4,7 +4,16 @@ Every component owns a dataclass (``VAEConfig``, ``MapperConfig``, ...). A stage
 This module turns any such tree into:
   * command-line flags ``--section.field VALUE`` (types, choices and help taken from the dataclass),
   * a dict / JSON for the run folder and checkpoints (``to_dict`` / ``from_dict``),
-  * a readable dump for ``--dry-run`` (``format_config``).
+  * a readable dump for ``--dry-run`` (``format_config``), and back (``load_config``: ``--config``).
+
+Every ``--section.field`` help line ends with its default (the default preset's value) and its choices.
+
+Why our own and not tyro or jsonargparse: both would replace the flag generation below (~100 lines) but
+not what the commands need around it (named presets as the base, the reference scripts' short options
+as aliases of dotted keys, strict ``from_dict`` of saved configs and checkpoints, the resume comparison
+of ``to_dict`` trees), so they would remove little code while adding a dependency to every command's
+start-up and their own spelling of nested options and config files next to the ``--section.field VALUE``
+form that saved commands, tests and the README use.
 """
 
 from __future__ import annotations
@@ -15,14 +24,20 @@ import json
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, choices: typing.Sequence[Any] | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its help text (and optional choices) for the command line."""
-    meta = {"help": help}
+def option(
+    default: Any, help: str, choices: typing.Sequence[Any] | None = None, hidden: bool = False, **kw: Any
+) -> Any:
+    """A dataclass field carrying its help text (and optional choices) for the command line.
+
+    ``hidden``: an option that works but is not listed in ``--help`` (testing aids).
+    """
+    meta: dict[str, Any] = {"help": help, "hidden": hidden}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict, set)):
@@ -110,6 +125,25 @@ def format_config(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2)
 
 
+def load_config(cls: type[T], path: str | Path) -> T:
+    """A config saved as JSON (a run's ``config.json``, or the run folder holding it), strictly."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no saved config at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON config: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a config")
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a {cls.__name__}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -127,27 +161,70 @@ def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, datac
             yield name, f, tp
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Iterable[str] = ()) -> None:
-    """Add ``--section.field`` for each leaf of ``cls``. Values given override the chosen preset."""
-    group = parser.add_argument_group("config overrides (each overrides the preset's value)")
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: typing.Iterable[str] = (),
+    base: Any = None,
+    title: str = "config overrides (each overrides the preset's value)",
+) -> None:
+    """Add ``--section.field`` for each leaf of ``cls``. Values given override the chosen preset.
+
+    Each help line ends with ``(default: X; choices: ...)``; ``base`` is the config whose values are shown
+    as the defaults (the command's default preset), else the dataclass defaults.
+    """
+    group = parser.add_argument_group(title)
     skip = set(skip)
+    base = cls() if base is None else base
     for name, f, tp in iter_fields(cls):
         if name in skip:
             continue
-        help_text = f.metadata.get("help", "")
-        choices = f.metadata.get("choices")
-        if choices:
-            help_text += f" (choices: {', '.join(map(str, choices))})"
+        help_text = field_help(f.metadata.get("help", ""), get_value(base, name), f.metadata.get("choices"))
         group.add_argument(
             f"--{name}",
             dest=f"cfg:{name}",
-            metavar=_metavar(tp),
+            metavar=metavar(tp),
             default=argparse.SUPPRESS,
-            help=help_text,
+            help=argparse.SUPPRESS if f.metadata.get("hidden") else help_text,
         )
 
 
-def _metavar(tp: Any) -> str:
+def field_help(text: str, default: Any, choices: typing.Sequence[Any] | None = None) -> str:
+    """``text (default: X; choices: a, b)``, escaped for argparse (which %-formats help strings). A text
+    that states its default itself ("(default: the store's)") keeps its own words."""
+    tail = [] if "(default" in text else [f"default: {format_value(default)}"]
+    if choices:
+        tail.append(f"choices: {', '.join(map(str, choices))}")
+    return (f"{text} ({'; '.join(tail)})" if tail else text).replace("%", "%%")
+
+
+def format_value(value: Any) -> str:
+    """A config value as it is typed on the command line (``none``, ``true``, ``0.9,0.999``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(format_value, value)) if value else "empty"
+    return str(value)
+
+
+def get_value(cfg: Any, dotted: str) -> Any:
+    """``cfg.a.b`` for ``dotted = "a.b"``."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def field_of(cls: type, dotted: str) -> tuple[dataclasses.Field, Any]:
+    """(field, annotated type) of a dotted leaf name of ``cls``."""
+    for name, f, tp in iter_fields(cls):
+        if name == dotted:
+            return f, tp
+    raise ValueError(f"unknown config key {dotted!r}")
+
+
+def metavar(tp: Any) -> str:
     inner, optional = _unwrap_optional(tp)
     origin = typing.get_origin(inner)
     if inner is bool:

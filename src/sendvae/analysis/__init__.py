@@ -1,4 +1,8 @@
-"""Latent-space analysis: linear attribute probes, uniformity, discrimination (`sendvae probe`)."""
+"""Latent-space analysis: linear attribute probes, uniformity, discrimination (`sendvae probe`).
+
+attributes (probe targets per dataset), features (what is probed), probes (the linear probes), measures
+(uniformity, discrimination, CKNNA), report (tables, plots and the driver `report.probe_models`).
+"""
 
 from .attributes import AttributeFileError, ProbeData, ProbeTask, load_probe_data
 from .measures import gini, gmm_discrimination, kde_uniformity, pearson_r

@@ -240,7 +240,7 @@ def load_probe_data(
         return ProbeData(name, ds, idx, tasks, y, len(CLASSES), CLASSES)
     if root is None:
         raise ValueError(
-            f"--data {name} needs --data-root (the folder holding its images and attribute files)"
+            f"--data {name} needs --data-path (the folder holding its images and attribute files)"
         )
     root_p = Path(root)
     if name == "celeba":

@@ -1,7 +1,9 @@
-"""What the training commands share: preset + alias + override resolution, run folders.
+"""What the training commands share: preset / saved config + alias + override resolution, run folders.
 
-A training command names its presets, its config class, and its aliases (the reference scripts' short
-options -> dotted config keys). Every config field is also an option ``--section.field``.
+A training command names its presets, its config class, and its aliases: the reference scripts' short
+options (``--output-dir``, ``--enc-type``, ...), each the short spelling of one dotted config key. Every
+config field is also an option ``--section.field``. The config starts from ``--preset P`` or from a saved
+``--config RUN/config.json``; the aliases, then the ``--section.field`` options, apply on top.
 """
 
 from __future__ import annotations
@@ -10,44 +12,96 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import PresetRegistry, add_config_arguments, apply_overrides, overrides_from_args, to_dict
+from ..config import (
+    PresetRegistry,
+    add_config_arguments,
+    apply_overrides,
+    field_help,
+    field_of,
+    get_value,
+    load_config,
+    metavar,
+    overrides_from_args,
+    to_dict,
+)
+
+# option string(s), the first the one shown -> (config key, help)
+Aliases = dict[str | tuple[str, ...], tuple[str, str]]
+
+
+def _flags(key: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else key
+
+
+class _Alias(argparse.Action):
+    """Stores (the option string as typed, value): errors about the value then name the user's flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, (option_string, values))
 
 
 def add_training_arguments(
     p: argparse.ArgumentParser,
     presets: PresetRegistry,
     cfg_cls: type,
-    aliases: dict[str, tuple[str, str]],
+    aliases: Aliases,
     default_preset: str,
 ) -> None:
-    """aliases: option name (underscored) -> (config key, help)."""
-    p.add_argument(
-        "--preset",
-        default=default_preset,
-        choices=sorted(presets),
-        help=f"starting config (default: {default_preset})",
+    base = presets.build(default_preset)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--preset", choices=sorted(presets), help=f"starting config (default: {default_preset})"
     )
-    for name, (key, help_text) in aliases.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{help_text} ({key})")
+    start.add_argument(
+        "--config",
+        metavar="RUN/config.json",
+        help="start from a saved config instead of a preset (a run's config.json, or the run folder); "
+        "the other options apply on top",
+    )
+    for flags, (key, help_text) in aliases.items():
+        f, tp = field_of(cfg_cls, key)
+        text = f"{help_text}; --{key}"
+        p.add_argument(
+            *_flags(flags),
+            dest=f"alias:{key}",
+            action=_Alias,
+            metavar=metavar(tp),
+            help=field_help(text, get_value(base, key), f.metadata.get("choices")),
+        )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
-    add_config_arguments(p, cfg_cls, skip={"preset"})
+    add_config_arguments(
+        p,
+        cfg_cls,
+        skip={"preset"},
+        base=base,
+        title=f"config overrides, each over the preset's value (defaults shown: {default_preset}'s)",
+    )
 
 
 def resolve_config(
     args: argparse.Namespace,
     presets: PresetRegistry,
-    aliases: dict[str, tuple[str, str]],
+    cfg_cls: type,
+    default_preset: str,
     extra: dict[str, Any] | None = None,
 ) -> Any:
-    """Preset, then aliases, then ``--section.field`` overrides (the most specific wins)."""
-    cfg = presets.build(args.preset)
-    overrides = {
-        key: getattr(args, a) for a, (key, _) in aliases.items() if getattr(args, a, None) is not None
-    }
-    overrides.update(extra or {})
-    overrides.update(overrides_from_args(args))
-    cfg = apply_overrides(cfg, overrides)
+    """Preset or saved config, then aliases, then ``--section.field`` overrides (the most specific wins)."""
+    if getattr(args, "config", None):
+        try:
+            cfg = load_config(cfg_cls, args.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--config {args.config}: {e}") from None
+    else:
+        cfg = presets.build(getattr(args, "preset", None) or default_preset)
+    for dest, given in vars(args).items():
+        if dest.startswith("alias:") and given is not None:
+            (flag, value), key = given, dest[len("alias:") :]
+            try:
+                cfg = apply_overrides(cfg, {key: value})
+            except ValueError as e:
+                raise ValueError(str(e).replace(f"--{key}:", f"{flag}:", 1)) from None
+    cfg = apply_overrides(cfg, {**(extra or {}), **overrides_from_args(args)})
     if cfg.run.exp_name is None:
         cfg.run.exp_name = cfg.preset
     return cfg
@@ -59,7 +113,7 @@ def run_training(cfg: Any, make_trainer, export) -> int:
     from ..runtime.distributed import cleanup, init_distributed
     from ..runtime.log import RunLogger
 
-    dist = init_distributed(cfg.run.device)
+    dist = init_distributed(cfg.run.device, option="--device")
     run_dir = Path(cfg.run.output_dir) / cfg.run.exp_name
     log = RunLogger(run_dir, dist.is_main, tensorboard=cfg.run.tensorboard)
     try:

@@ -10,6 +10,7 @@ import json
 
 import torch
 
+STDOUT_IS_DATA = True  # the JSON rows; log lines go to stderr
 NAME = "bench"
 HELP = "measure throughput and memory of a stage (vae, train-vae, train-sit, sample, evaluate, probe)"
 
@@ -20,10 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["vae", "train-vae", "train-sit", "sample", "evaluate", "probe"],
         help="what to measure",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--vae", action="append", help="VAE preset(s) (default: f8d4 and f16d32)")
-    p.add_argument("--batch", type=int, default=None, help="batch per step (default: 64 on GPU, 2 on CPU)")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch per step (default: per stage; vae: 64 on GPU, 2 on CPU)",
+    )
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     p.add_argument(
         "--precision",
         default="auto",
@@ -31,11 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto = bf16 autocast on GPU, fp32 on CPU",
     )
     p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--enc-type", default="dinov2-vit-b", help="teacher for train-vae (random weights)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument(
+        "--enc-type", default="dinov2-vit-b", help="teacher for train-vae / train-sit (random weights)"
+    )
     p.add_argument("--model", default="SiT-XL/2", help="train-sit: SiT size (SiT-XL/2, SiT-B/2, ...)")
     p.add_argument(
-        "--teacher",
+        "--teacher-features",
         action="append",
         choices=["cached", "online"],
         help="train-sit: teacher features cached in the store, or computed online (default: both)",
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "vae":
         from ..bench.vae import bench_vae
 
-        batch = args.batch or (64 if gpu else 2)
+        batch = args.batch_size or (64 if gpu else 2)
         for name in args.vae or ["f8d4", "f16d32"]:
             rows.append(bench_vae(name, dev, batch, args.resolution, dtype, args.iters, args.warmup))
         widths = [10, 6, 5, 8, 12, 12, 18, 9]
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             size["depth"] = args.sit_depth
         if args.sit_width:
             size.update(hidden_size=args.sit_width, num_heads=max(1, args.sit_width // 64))
-        batch = args.batch or (256 if gpu else 2)
+        batch = args.batch_size or (256 if gpu else 2)
         r = bench_sample(
             args.model,
             dev,
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.what == "evaluate":
         from ..bench.sample_eval import bench_evaluate, bench_precision_recall
 
-        batch = args.batch or (500 if gpu else 4)
+        batch = args.batch_size or (500 if gpu else 4)
         r = bench_evaluate(dev, batch, args.resolution, args.iters, args.warmup)
         rows.append(r)
         print(
@@ -185,14 +193,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.what == "train-sit":
         from ..bench.train_sit import bench_train_sit
 
-        batch = args.batch or (256 if gpu else 2)
+        batch = args.batch_size or (256 if gpu else 2)
         over = {}
         if args.sit_depth:
             over["depth"] = args.sit_depth
             over["encoder_depth"] = min(args.sit_depth, 8)
         if args.sit_width:
             over.update(hidden_size=args.sit_width, num_heads=max(1, args.sit_width // 64))
-        for mode in args.teacher or ["cached", "online"]:
+        for mode in args.teacher_features or ["cached", "online"]:
             rows.append(
                 bench_train_sit(
                     args.model,
@@ -219,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..bench.train_vae import bench_train_vae, print_train_vae
 
-        batch = args.batch or (32 if gpu else 2)
+        batch = args.batch_size or (32 if gpu else 2)
         for name in args.vae or ["f16d32"]:
             rows.append(
                 bench_train_vae(

@@ -53,12 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="without --inception-weights, download them once into torch's hub cache (later runs use it)",
     )
     p.add_argument(
-        "--feature-teacher",
+        "--enc-type",
         choices=tuple(TEACHERS),
         default=DEFAULT_TEACHER,
         help="teacher whose pooled features give FD_<teacher> (default: %(default)s)",
     )
-    p.add_argument("--teacher-weights", metavar="PATH", help="weights file/folder of --feature-teacher")
+    p.add_argument("--teacher-weights", metavar="PATH", help="weights file/folder of --enc-type")
     p.add_argument("--vae", help="--recon: VAE folder, checkpoint or preset")
     p.add_argument("--vae-config", help="--recon: VAE preset naming the architecture of a bare checkpoint")
     p.add_argument("--data", choices=DATASETS, help="dataset of --make-ref / --recon")
@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "that would overflow), or float32 throughout, which moves precision / recall by ~1e-3 "
         "(default: %(default)s)",
     )
-    p.add_argument("--output", metavar="JSON", help="--recon: write the metrics here as JSON")
+    p.add_argument("--output-json", metavar="JSON", help="--recon: write the metrics here as JSON")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 
@@ -129,7 +129,7 @@ def _feature_extractor(args: argparse.Namespace, resolution: int):
     from ..metrics.features import FeatureExtractor
 
     return FeatureExtractor(
-        args.feature_teacher,
+        args.enc_type,
         weights=args.teacher_weights,
         resolution=resolution,
         device=resolve_device(args.device),
@@ -139,7 +139,7 @@ def _feature_extractor(args: argparse.Namespace, resolution: int):
 
 def _dataset(args: argparse.Namespace):
     from ..data import build_dataset
-    from ..train.vae_config import DataConfig
+    from ..data.config import DataConfig
 
     if args.data is None:
         raise ValueError(
@@ -223,7 +223,7 @@ def evaluate_sample_batch(args: argparse.Namespace) -> dict[str, Any]:
         raise ReferenceBatchError(f"{args.samples} has no sample images (arr_0)")
     if "arr_0" not in ref:
         raise ReferenceBatchError(
-            f"{args.ref} holds only Inception statistics; FD_{args.feature_teacher} needs its images (arr_0)"
+            f"{args.ref} holds only Inception statistics; FD_{args.enc_type} needs its images (arr_0)"
         )
     s, r = samples["arr_0"], ref["arr_0"]
     if s.shape[1:] != r.shape[1:]:
@@ -329,16 +329,5 @@ def run(args: argparse.Namespace) -> int:
         make_reference(args)
     else:
         metrics = evaluate_reconstructions(args)
-        _report(metrics, Path(args.output) if args.output else None)
+        _report(metrics, Path(args.output_json) if args.output_json else None)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sendvae.commands.evaluate ...` (the same as `sendvae evaluate ...`)."""
-    from ..cli import run_command
-
-    return run_command(sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("out", metavar="OUT", help="output folder (index.json, shard-*.npy, report.json)")
     p.add_argument(
-        "--source", choices=SOURCES, default="imagefolder", help="kind of SRC (default: %(default)s)"
+        "--data", choices=SOURCES, default="imagefolder", help="dataset kind of SRC (default: %(default)s)"
     )
     p.add_argument(
         "--resolution", type=resolution_type, default=256, help="crop size in pixels (default: 256)"
@@ -56,9 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_source(args: argparse.Namespace) -> tuple[object, str | None]:
     """(src for prepare_dataset, source name) from the parsed arguments."""
-    if args.source == "imagefolder":
+    if args.data == "imagefolder":
         return args.src, None
-    if args.source == "fashion-mnist":
+    if args.data == "fashion-mnist":
         from sendvae.data.fashion_mnist import FashionMNIST
 
         ds = FashionMNIST(args.src, split=args.split, resolution=args.resolution)

@@ -10,33 +10,37 @@ from ._training import resolve_config as _resolve
 NAME = "train-sit"
 HELP = "train a SiT (flow matching + REPA) on a latent store"
 
+DEFAULT_PRESET = "sit-xl2-repa"
+# The reference scripts' options (the short spellings every command shares) -> config keys.
 ALIASES = {
-    "output_dir": ("run.output_dir", "folder holding run folders"),
-    "exp_name": ("run.exp_name", "run folder name"),
-    "seed": ("run.seed", "global seed"),
-    "store": ("data.store", "latent store from `sendvae cache-latents`"),
-    "vae": ("model.vae", "the VAE the store came from (checked; decodes sample grids)"),
-    "vae_ckpt": ("model.vae", "same as --vae"),
-    "models": ("model.model", "SiT-B/2, SiT-L/2, SiT-XL/2, SiT-B/1, ..."),
-    "encoder_depth": ("model.encoder_depth", "REPA block (1..depth)"),
-    "proj_coeff": ("transport.proj_coeff", "REPA weight (0 disables REPA)"),
-    "batch_size": ("optim.batch_size", "global batch size"),
-    "max_steps": ("optim.max_steps", "training steps"),
-    "lr": ("optim.lr", "learning rate"),
+    "--output-dir": ("run.output_dir", "folder holding the run folders"),
+    "--exp-name": ("run.exp_name", "run folder name (default: the preset name)"),
+    "--seed": ("run.seed", "global seed"),
+    "--device": ("run.device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+    "--store": ("data.store", "latent store from `sendvae cache-latents`"),
+    ("--vae", "--vae-ckpt"): ("model.vae", "the VAE the store came from (checked; decodes sample grids)"),
+    ("--model", "--models"): ("model.model", "SiT size and patch"),
+    "--encoder-depth": ("model.encoder_depth", "REPA block (1..depth)"),
+    "--proj-coeff": ("transport.proj_coeff", "REPA weight (0 disables REPA)"),
+    "--batch-size": ("optim.batch_size", "global batch size"),
+    "--max-steps": ("optim.max_steps", "training steps"),
+    "--lr": ("optim.lr", "learning rate"),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.sit_config import PRESETS, TrainSiTConfig
 
-    add_training_arguments(p, PRESETS, TrainSiTConfig, ALIASES, default_preset="sit-xl2-repa")
-    p.add_argument("--enc-type", help="the teacher whose features the store caches (checked against it)")
+    add_training_arguments(p, PRESETS, TrainSiTConfig, ALIASES, DEFAULT_PRESET)
+    p.add_argument(
+        "--enc-type", help="the REPA teacher whose features the store caches (checked against the store)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.sit_config import PRESETS
+    from ..train.sit_config import PRESETS, TrainSiTConfig
 
-    cfg = _resolve(args, PRESETS, ALIASES)
+    cfg = _resolve(args, PRESETS, TrainSiTConfig, DEFAULT_PRESET)
     if args.dry_run:
         from ..config import format_config
 
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if cached != args.enc_type:
             raise ValueError(
                 f"--enc-type {args.enc_type}: the store {cfg.data.store} caches features of "
-                f"{cached or 'no teacher'}; cache again with --teacher {args.enc_type}"
+                f"{cached or 'no teacher'}; cache again with `sendvae cache-latents --enc-type "
+                f"{args.enc_type}`"
             )
     from ..train.sit import SiTTrainer
 

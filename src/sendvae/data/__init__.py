@@ -5,11 +5,12 @@ ShapesDataset(resolution=64, seed=0)       the embedded procedural dataset (no f
 ImageFolderDataset(root, resolution)       ImageNet-style class folders, ADM center crop
 PreparedDataset(root)                      the output of ``sendvae prepare`` (memory-mapped shards)
 FashionMNIST(root, split, resolution)      Fashion-MNIST IDX files
-build_dataset(cfg)                         any of the above from a ``DataConfig``
+build_dataset(cfg)                         any of the above from a ``DataConfig`` (``data.config``)
 """
 
 from __future__ import annotations
 
+from .config import DataConfig
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolderDataset, center_crop_adm
 from .prepared import PreparedDataset, prepare_dataset
@@ -18,6 +19,7 @@ from .transforms import to_float, to_uint8
 
 __all__ = [
     "ATTRIBUTES",
+    "DataConfig",
     "FashionMNIST",
     "ImageFolderDataset",
     "PreparedDataset",
@@ -36,7 +38,7 @@ def build_dataset(cfg, seed: int = 0):
     if cfg.name == "shapes":
         return ShapesDataset(ShapesConfig(resolution=cfg.resolution, seed=seed, length=cfg.shapes_length))
     if cfg.path is None:
-        raise ValueError(f"dataset {cfg.name!r} needs a path: pass --data.path DIR")
+        raise ValueError(f"dataset {cfg.name!r} needs its folder: pass --data-path DIR")
     if cfg.name == "imagefolder":
         return ImageFolderDataset(cfg.path, cfg.resolution)
     if cfg.name == "prepared":
@@ -45,7 +47,8 @@ def build_dataset(cfg, seed: int = 0):
             raise ValueError(
                 f"prepared dataset {cfg.path} is at {ds.resolution} px but training asks for "
                 f"{cfg.resolution} px; "
-                f"pass --data.resolution {ds.resolution} or prepare again with --resolution {cfg.resolution}"
+                f"pass --resolution {ds.resolution}, or prepare again with `sendvae prepare ... --resolution "
+                f"{cfg.resolution}`"
             )
         return ds
     if cfg.name == "fashion-mnist":

@@ -166,7 +166,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         hint = " (an interrupted run: run the same command again)" if (root / PLAN_FILE).exists() else ""
         raise FileNotFoundError(
             f"{root} is not a latent store: {MANIFEST_FILE} is missing{hint}; create one with "
-            "`sendvae cache-latents --vae VAE --data ... --output DIR`"
+            "`sendvae cache-latents --vae VAE --data ... --output-dir DIR`"
         )
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -224,7 +224,10 @@ class LatentStore(Dataset):
                 if not p.is_file() or p.stat().st_size != s["sizes"][key]:
                     raise FileNotFoundError(f"{p} is missing or has the wrong size; cache the latents again")
         if with_features and self.manifest["teacher"] is None:
-            raise ValueError(f"{self.root} holds no teacher features; cache again with --teacher NAME")
+            raise ValueError(
+                f"{self.root} holds no teacher features; cache again with "
+                "`sendvae cache-latents --enc-type NAME`"
+            )
         self.with_features = with_features
         self._offsets = np.cumsum([0] + [s["count"] for s in self.shards])  # shard k: [off[k], off[k+1])
         self.labels = np.concatenate([np.load(self.root / s["files"]["labels"]) for s in self.shards])

@@ -73,6 +73,3 @@ class StepBatchSampler(Sampler[list[int]]):
         if self.max_steps is None:
             raise TypeError("an unbounded StepBatchSampler has no length")
         return max(0, self.max_steps - self.start_step)
-
-    def epoch_of(self, step: int) -> float:
-        return step * self.global_batch / self.n

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..losses.align import mean_token_cosine
 
 PATHS = ("linear",)
 PREDICTIONS = ("v",)
@@ -47,21 +48,37 @@ class TransportConfig:
             raise ValueError(f"TransportConfig.logit_std must be > 0, got {self.logit_std}")
 
 
+def draw_t(
+    batch: int,
+    sampler: str = "uniform",
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """t (B,) in fp32 on `device`: U(0, 1), or sigmoid(N(mean, std)) (logit-normal, SD3 / SiT).
+
+    logit_normal with mean 0, std 1 is also REPA-E's "lognormal" weighting: sigma = exp(N(0, 1)),
+    t = sigma / (1 + sigma) = sigmoid(N(0, 1)). The one t sampler: SiT training (`sample_t`) and the
+    Send-VAE mapper's noise injection (`models.mapper`) both draw here.
+    """
+    if sampler not in T_SAMPLERS:
+        raise ValueError(f"t sampler must be one of {T_SAMPLERS}, got {sampler!r}")
+    if sampler == "uniform":
+        return torch.rand(batch, device=device, generator=generator)
+    u = torch.randn(batch, device=device, generator=generator)
+    return torch.sigmoid(u * logit_std + logit_mean)
+
+
 def sample_t(
     batch: int,
     cfg: TransportConfig,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """t (B,) in fp32 on `device`: U(0, 1), or sigmoid(N(mean, std)) (logit-normal, SD3 / SiT).
-
-    logit_normal with mean 0, std 1 is also REPA-E's "lognormal" weighting: sigma = exp(N(0, 1)),
-    t = sigma / (1 + sigma) = sigmoid(N(0, 1)).
-    """
-    if cfg.t_sampler == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
-    u = torch.randn(batch, device=device, generator=generator)
-    return torch.sigmoid(u * cfg.logit_std + cfg.logit_mean)
+    """t (B,) drawn as `cfg` says (`draw_t` with its t_sampler, logit_mean and logit_std)."""
+    return draw_t(batch, cfg.t_sampler, device, generator, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
 
 
 def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +93,8 @@ def repa_loss(
     """-mean over teachers, samples and tokens of cos(projected, teacher), in fp32.
 
     projected[k], teacher[k]: (B, N, D_k); one pair per teacher. Teacher tokens must already be on the
-    model's token grid (resample them beforehand if the grids differ).
+    model's token grid (resample them beforehand if the grids differ). The cosine is the alignment
+    loss's (`losses.align.mean_token_cosine`): fp32, autocast off, the frozen teacher side detached.
     """
     projected = [projected] if torch.is_tensor(projected) else list(projected)
     teacher = [teacher] if torch.is_tensor(teacher) else list(teacher)
@@ -92,9 +110,7 @@ def repa_loss(
                 f"REPA projector {k} gives {tuple(p.shape)} tokens but teacher {k} has {tuple(f.shape)}; "
                 "grids and widths must match (resample the teacher tokens or change patch_size / z_dims)"
             )
-        # fp32: a bf16 / fp16 cosine loses precision and can give NaN for near-zero norms
-        cos = (F.normalize(p.float(), dim=-1) * F.normalize(f.float(), dim=-1)).sum(-1)  # (B, N)
-        total = total - cos.mean()
+        total = total - mean_token_cosine(p, f)
     return total / len(projected)
 
 

@@ -1,11 +1,10 @@
 """Losses: alignment (cosine, VF), LPIPS, adversarial, and the composed VAE objective."""
 
-from .align import ALIGNMENT_LOSSES, cosine_alignment_loss, vf_loss
+from .align import cosine_alignment_loss, vf_loss
 from .gan import D_LOSSES, G_LOSSES, LeCamEMA, adaptive_gan_weight, d_hinge_loss, g_loss
 from .lpips import LPIPS, LPIPSWeightsError, build_lpips
 
 __all__ = [
-    "ALIGNMENT_LOSSES",
     "D_LOSSES",
     "G_LOSSES",
     "LPIPS",

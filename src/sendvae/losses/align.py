@@ -12,9 +12,6 @@ The target is a constant (the teacher is frozen); it is detached here so no grad
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -35,12 +32,21 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=NORM_EPS)
 
 
-def cosine_alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-wise cosine alignment: pred, target (B, N, D) -> (1 - mean cos, mean cos detached), fp32."""
+def mean_token_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(1/BN) sum_{b,n} cos(pred[b, n], target[b, n]) for pred, target (B, N, D): an fp32 scalar.
+
+    The one token cosine: Send-VAE's alignment loss below and REPA's projection loss
+    (`diffusion.transport.repa_loss`) are built on it. Gradients reach `pred` only.
+    """
     _check_tokens(pred, target)
     with torch.autocast(device_type=pred.device.type, enabled=False):
         cos = (_unit(pred) * _unit(target.detach())).sum(-1)  # (B, N)
-        mean_cos = cos.mean()
+        return cos.mean()
+
+
+def cosine_alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-wise cosine alignment: pred, target (B, N, D) -> (1 - mean cos, mean cos detached), fp32."""
+    mean_cos = mean_token_cosine(pred, target)
     return 1.0 - mean_cos, mean_cos.detach()
 
 
@@ -73,27 +79,3 @@ def vf_loss(
         loss = weight_cos * l_cos + weight_dist * l_dist
     parts = {"vf_cos": l_cos.detach(), "vf_dist": l_dist.detach(), "mean_cos": cos.mean().detach()}
     return loss, parts
-
-
-def _cosine_with_logs(pred: torch.Tensor, target: torch.Tensor) -> LossAndLogs:
-    loss, mean_cos = cosine_alignment_loss(pred, target)
-    return loss, {"mean_cos": mean_cos}
-
-
-@dataclass(frozen=True)
-class AlignmentLossSpec:
-    """A registered alignment loss: `fn(pred, target) -> (loss, logs)` and the head that feeds it."""
-
-    fn: Callable[[torch.Tensor, torch.Tensor], LossAndLogs]
-    head: str  # "mapper" (Send-VAE's h_phi) or "vf_projector" (VA-VAE's 1x1 conv), in models.mapper
-    help: str
-
-
-ALIGNMENT_LOSSES: dict[str, AlignmentLossSpec] = {
-    "cosine": AlignmentLossSpec(
-        _cosine_with_logs, "mapper", "Send-VAE/REPA: 1 - mean token cosine between h_phi(z_t) and the teacher"
-    ),
-    "vf": AlignmentLossSpec(
-        vf_loss, "vf_projector", "VA-VAE: marginal cosine + marginal distance-matrix loss, margins 0.5/0.25"
-    ),
-}

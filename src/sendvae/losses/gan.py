@@ -5,7 +5,7 @@ Convention: the hinge discriminator loss carries taming's factor 0.5,
 so that discriminator learning rates, logged loss values and the loss at chance (1.0 for logits at 0)
 are those of LDM / REPA-E / Send-VAE, whose training code this follows. The generator term is
     L_G = -mean(D(x_hat)),
-scaled in the VAE loss by adaptive_gan_weight(...) * disc_weight * gan_start_factor(step, start).
+scaled in the VAE loss by adaptive_gan_weight(...) * disc_weight, from step ``gan_start`` on.
 
 All reductions run in fp32 so bf16 logits from an autocast discriminator give fp32 losses.
 """
@@ -103,8 +103,3 @@ def adaptive_gan_weight(
     g_grad = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
-
-
-def gan_start_factor(step: int, start_step: int) -> float:
-    """0.0 before `start_step`, 1.0 from it on (taming's adopt_weight with value 0)."""
-    return 1.0 if step >= start_step else 0.0

@@ -1,4 +1,4 @@
-"""The VAE objective of Send-VAE training, term by term (REFERENCE.md section 1).
+"""The VAE objective of Send-VAE training, term by term (Send-VAE, Sec. 3: L_VAE + lambda L_align).
 
 Generator (VAE + mapper):
     L = w_rec * |x - x_hat|_1 (mean)  +  w_lpips * LPIPS(x, x_hat)  +  w_kl * KL  +  w_gan * g(D(x_hat))
@@ -8,22 +8,56 @@ Generator (VAE + mapper):
   active only from ``gan_start``.
 Discriminator: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (+ LeCam); non-saturating optional.
 All losses are reduced in fp32 even when the networks ran under bf16 autocast.
+L_align is the chosen alignment variant's (train/alignment.py): the objective calls its loss on
+`AlignInputs` and applies lambda_align (times the adaptive weight when the variant asks for it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import cosine_alignment_loss, vf_loss
+from .align import LossAndLogs
 from .gan import D_LOSSES, G_LOSSES, LeCamEMA, adaptive_gan_weight
 
 
+@dataclass(frozen=True)
+class AlignInputs:
+    """What an alignment variant's loss reads: its head's output and the frozen teacher's tokens."""
+
+    pred: torch.Tensor  # (B, N, D) the head's tokens
+    target: torch.Tensor  # (B, N, D) teacher patch tokens on the head's token grid (no gradient)
+
+    @property
+    def target_global(self) -> torch.Tensor:
+        """(B, D) the teacher's global feature: the mean of its patch tokens (teachers drop the cls token)."""
+        return self.target.mean(1)
+
+
+class AlignmentTerm(Protocol):
+    """The objective's view of an alignment variant (an entry of ``train.alignment.ALIGNMENTS``)."""
+
+    @property
+    def loss(self) -> Callable[[AlignInputs, Any], LossAndLogs] | None: ...  # -> (L_align, logged terms)
+
+    @property
+    def adaptive(self) -> Callable[[Any], bool]: ...  # scale lambda_align at the encoder's last conv
+
+
 class VAELoss(nn.Module):
-    def __init__(self, cfg, lpips: nn.Module | None, disc: nn.Module | None):
+    def __init__(
+        self, cfg, lpips: nn.Module | None, disc: nn.Module | None, alignment: AlignmentTerm | None = None
+    ):
+        """``alignment``: the variant whose L_align joins the objective; None (or a variant without a loss)
+        adds no alignment term."""
         super().__init__()
         self.cfg = cfg
+        self.alignment = alignment if alignment is not None and alignment.loss is not None else None
         # Held outside the module tree (a plain dict): their weights belong to their own checkpoints
         # entries, not to this loss's state (which is only the LeCam EMA). The discriminator is the raw
         # module, not DDP: the generator step needs no gradient sync for it.
@@ -63,17 +97,12 @@ class VAELoss(nn.Module):
         terms["kl"] = kl.detach()
         total = nll + c.kl_weight * kl
 
-        if pred is not None and target is not None and c.align != "none":
-            if c.align == "vf":
-                align, parts = vf_loss(pred, target, c.vf_margin_cos, c.vf_margin_dist)
-                weight = c.align_weight
-                if c.vf_adaptive and enc_last is not None and torch.is_grad_enabled():
-                    weight = weight * adaptive_gan_weight(nll, align, enc_last)
-                terms.update({k: v.detach() for k, v in parts.items()})
-            else:
-                align, mean_cos = cosine_alignment_loss(pred, target)
-                weight = c.align_weight
-                terms["cos"] = mean_cos.detach()
+        if self.alignment is not None and pred is not None and target is not None:
+            align, parts = self.alignment.loss(AlignInputs(pred, target), c)
+            weight = c.align_weight
+            if self.alignment.adaptive(c) and enc_last is not None and torch.is_grad_enabled():
+                weight = weight * adaptive_gan_weight(nll, align, enc_last)
+            terms.update({k: v.detach() for k, v in parts.items()})
             total = total + weight * align
             terms["align"] = align.detach()
 

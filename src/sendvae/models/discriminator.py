@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sendvae.models.vae_io import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
+from sendvae.runtime.checkpoint import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
 
 log = logging.getLogger(__name__)
 

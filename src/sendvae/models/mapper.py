@@ -14,14 +14,21 @@ noise injection ("diffusion-aware" alignment) makes the mapper see latents as th
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..config import from_dict
+from ..diffusion.transport import T_SAMPLERS, draw_t
+from ..runtime.weights import read_weights
+from .layers import Attention, build_projector, init_vit_weights, mlp, sincos_pos_embed_2d
 
 
 class GridMismatchError(ValueError):
@@ -62,12 +69,6 @@ class MapperConfig:
 
 GRID_MISMATCH_MODES = ("error", "resample_teacher")
 
-# t ~ p(t) per sample, (B,). The paper states U(0, 1); logit-normal is SiT/SD3's alternative.
-T_SAMPLERS = {
-    "uniform": lambda b, device: torch.rand(b, device=device),
-    "logit_normal": lambda b, device: torch.sigmoid(torch.randn(b, device=device)),
-}
-
 
 class TeacherLike(Protocol):
     embed_dim: int
@@ -101,27 +102,6 @@ def _closest_patch_size(latent_grid: tuple[int, int], teacher_grid: tuple[int, i
     (lh, lw), (th, tw) = latent_grid, teacher_grid
     candidates = [p for p in range(1, min(lh, lw) + 1) if lh % p == 0 and lw % p == 0]
     return min(candidates, key=lambda p: (abs(math.log(lh * lw / p**2 / (th * tw))), -p))
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding (MAE/DiT formula), (H*W, dim), tokens in row-major order.
-
-    First half encodes the column index, second half the row index (MAE's order); each half is
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"the 2D sin-cos embedding needs a width divisible by 4, got {dim}")
-    h, w = grid
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
-    )
-
-    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega  # (H*W, dim/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
 
 
 LATENT_NORMS = ("running", "fixed", "none")
@@ -220,23 +200,6 @@ class LatentNorm(nn.Module):
         return (z - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
-
-
 class Block(nn.Module):
     """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU(tanh)."""
 
@@ -244,9 +207,9 @@ class Block(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qk_norm)
+        self.attn = Attention(dim, num_heads, partial(nn.LayerNorm, eps=1e-6) if qk_norm else None)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = mlp((dim, hidden, dim), partial(nn.GELU, approximate="tanh"))  # mlp.0, mlp.2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -299,14 +262,8 @@ class Mapper(nn.Module):
             Block(hidden, heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth)
         )
         self.final_norm = nn.LayerNorm(hidden, eps=1e-6) if cfg.depth > 0 else nn.Identity()
-        self.projector = nn.Sequential(
-            nn.Linear(hidden, cfg.projector_dim),
-            nn.SiLU(),
-            nn.Linear(cfg.projector_dim, cfg.projector_dim),
-            nn.SiLU(),
-            nn.Linear(cfg.projector_dim, teacher_dim),
-        )
-        self._init_weights()
+        self.projector = build_projector(hidden, cfg.projector_dim, teacher_dim)
+        init_vit_weights(self, self.patch_embed)
 
     @classmethod
     def from_teacher(
@@ -342,16 +299,6 @@ class Mapper(nn.Module):
             )
         return p
 
-    def _init_weights(self) -> None:
-        # Xavier-uniform for every linear map (the patch conv is one too), zero biases; ViT/DiT practice.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-
     @property
     def needs_teacher_resample(self) -> bool:
         """True when the teacher tokens must be resampled to `token_grid` before the loss."""
@@ -369,8 +316,8 @@ class Mapper(nn.Module):
         self, z: torch.Tensor, t: torch.Tensor | float | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """z_t = (1 - t) z + t eps with t (B,) broadcast to (B, 1, 1, 1); missing t / eps are sampled."""
-        if t is None:
-            t = T_SAMPLERS[self.config.t_sampling](z.shape[0], z.device)
+        if t is None:  # t ~ p(t) per sample (B,): the paper's U(0, 1), or SiT/SD3's logit-normal
+            t = draw_t(z.shape[0], self.config.t_sampling, z.device)
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(z.shape[0])
         t = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         eps = torch.randn_like(z) if noise is None else noise.to(z)
@@ -420,3 +367,22 @@ class VFProjector(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.proj(z).flatten(2).transpose(1, 2)  # (B, h*w, teacher_dim)
+
+
+def load_mapper(export_dir: str | Path) -> Mapper:
+    """The mapper exported beside a trained VAE (``export/vae``: mapper.json + mapper.safetensors), in eval
+    mode."""
+    d = Path(export_dir)
+    meta_path = d / "mapper.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no mapper.json in {d}: this VAE was exported without an alignment mapper")
+    meta = json.loads(meta_path.read_text())
+    m = Mapper(
+        meta["latent_channels"],
+        tuple(meta["latent_grid"]),
+        meta["teacher_dim"],
+        tuple(meta["teacher_grid"]),
+        from_dict(MapperConfig, meta["config"]),
+    )
+    m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
+    return m.eval()

@@ -28,11 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sendvae.models.mapper import sincos_pos_embed_2d
+from sendvae.models.layers import (
+    Attention,
+    NormLayer,
+    build_projector,
+    init_vit_weights,
+    mlp,
+    sincos_pos_embed_2d,
+)
 from sendvae.runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -216,7 +222,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = mlp((FREQ_DIM, hidden, hidden), nn.SiLU)
         half = FREQ_DIM // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -245,43 +251,12 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: SiTConfig):
-        super().__init__()
-        d, self.num_heads = cfg.hidden_size, cfg.num_heads
-        head_dim = d // cfg.num_heads
-        self.fused = cfg.fused_attn
-        self.qkv = nn.Linear(d, 3 * d)
-        if not cfg.qk_norm:
-            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
-        elif cfg.qk_norm_type == "layer":  # timm's Attention(qk_norm=True): LayerNorm, eps 1e-5
-            self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
-        else:
-            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:  # softmax(q k^T / sqrt(head_dim)) v
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
-            x = attn.softmax(dim=-1) @ v
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def qk_norm_layer(cfg: SiTConfig) -> NormLayer | None:
+    """The per-head q/k normalisation of `cfg`: timm's Attention(qk_norm=True) LayerNorm (eps 1e-5), or
+    RMSNorm (eps 1e-6); None without qk_norm."""
+    if not cfg.qk_norm:
+        return None
+    return nn.LayerNorm if cfg.qk_norm_type == "layer" else partial(nn.RMSNorm, eps=1e-6)
 
 
 class SiTBlock(nn.Module):
@@ -291,9 +266,10 @@ class SiTBlock(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(cfg)
+        self.attn = Attention(d, cfg.num_heads, qk_norm_layer(cfg), fused=cfg.fused_attn)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        gelu = partial(nn.GELU, approximate="tanh")
+        self.mlp = mlp((d, int(d * cfg.mlp_ratio), d), gelu, timm_names=True)  # mlp.fc1, mlp.fc2
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -317,17 +293,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
-def build_projector(hidden: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA's token projector: Linear -> SiLU -> Linear -> SiLU -> Linear (indices 0, 2, 4)."""
-    return nn.Sequential(
-        nn.Linear(hidden, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, z_dim),
-    )
-
-
 class SiT(nn.Module):
     """Velocity model v(x_t, t, y) on latents (B, C, H, W); optionally REPA's projected tokens."""
 
@@ -349,13 +314,7 @@ class SiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """DiT's init: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers (adaLN-Zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight  # as a linear map of the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_vit_weights(self, self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

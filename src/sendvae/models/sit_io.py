@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sendvae.models.sit import CONFIG_FILE, FORMAT_VERSION, SIT_MODELS, WEIGHTS_FILE, SiT, SiTConfig
-from sendvae.models.vae_io import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
+from sendvae.runtime.checkpoint import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
 
 log = logging.getLogger(__name__)
 

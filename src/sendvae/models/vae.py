@@ -2,7 +2,8 @@
 
 Module names follow the original LDM code (`encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q`,
 `decoder.up.{i}.upsample.conv`, `quant_conv`, ...), so SD-VAE, IN-VAE, VA-VAE and REPA-E state dicts
-load without renaming. Diffusers folders are converted by `sendvae.models.vae_io`.
+load without renaming. Diffusers folders are read by `sendvae.models.vae_io` and written by
+`sendvae.models.vae_diffusers` (which needs nothing from here, so there is no import cycle).
 
 Per-channel latent statistics live here, as buffers of the VAE: the diffusion stage sees
 `normalize_latents(z) = (z - mean) / std`, and samples go back through `denormalize_latents`.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .latent_stats import denormalize, normalize
+from .vae_diffusers import save_vae
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior log-variance
 
@@ -403,7 +405,5 @@ class AutoencoderKL(nn.Module):
         self.latent_std.copy_(std)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a diffusers-loadable folder plus `sendvae.json`; see `vae_io.save_vae`."""
-        from sendvae.models.vae_io import save_vae  # vae_io imports this module
-
+        """Write a diffusers-loadable folder plus `sendvae.json`; see `vae_diffusers.save_vae`."""
         return save_vae(self, directory)

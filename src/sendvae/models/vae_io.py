@@ -1,235 +1,39 @@
 """Loading and exporting VAEs: presets, diffusers folders, LDM/SD and REPA-E checkpoints, safetensors.
 
 `load_vae` is the single entry point. Everything is converted to the LDM module naming of
-`sendvae.models.vae`; diffusers names are translated by one table (`_KEY_TABLE`) in both directions.
-Loading is strict by default: any missing, unexpected or mis-shaped tensor raises
-`CheckpointMismatchError` with a summary, never a silent partial load.
+`sendvae.models.vae`; diffusers names are translated by one table in both directions
+(`sendvae.models.vae_diffusers`, which also writes our exports: `save_vae`). Loading is strict by
+default: any missing, unexpected or mis-shaped tensor raises `CheckpointMismatchError` with a summary,
+never a silent partial load.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
-import re
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from sendvae.models.vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
-from sendvae.runtime.checkpoint import atomic_save_safetensors, atomic_write_json
-from sendvae.runtime.weights import WeightsError, read_weights
+from sendvae.models.vae_diffusers import (
+    DIFFUSERS_WEIGHTS,
+    FORMAT_VERSION,
+    SENDVAE_JSON,
+    STAT_KEYS,
+    diffusers_to_ldm,
+)
+from sendvae.runtime.checkpoint import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-SENDVAE_JSON = "sendvae.json"
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_STAT_KEYS = ("latent_mean", "latent_std")  # buffers, optional in any checkpoint
-_VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv", *_STAT_KEYS)
+_VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv", *STAT_KEYS)
 _VAE_NESTS = ("vae", "state_dict", "ema", "model", "module")  # where training scripts nest state dicts
 
 
-class CheckpointMismatchError(ValueError):
-    """The tensors in a checkpoint do not fit the architecture they were loaded into."""
-
-
-# -- generic checkpoint helpers (also used by the discriminator) ------------------------------------------
-
-
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> dict[str, Any]:
-    """Read a .safetensors file or a torch file as data (`sendvae.runtime.weights`) into a dict."""
-    obj = read_weights(path, what, map_location=map_location)
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{what} '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
-
-
-def find_state_dict(
-    obj: dict[str, Any], anchor: str, nest_keys: Iterable[str], source: str = "checkpoint"
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Locate the sub-state-dict containing `anchor` (e.g. "encoder.conv_in.weight") and strip its prefix.
-
-    Looks at the top level, then under each of `nest_keys` in order; within a dict, any key ending in
-    `anchor` names the prefix (`first_stage_model.`, `module.`, `loss.discriminator.`, ...). Returns the
-    tensors under that prefix, prefix removed, and a description of where they were found.
-    """
-    candidates = [("top level", obj)] + [
-        (f"'{k}'", obj[k]) for k in nest_keys if isinstance(obj.get(k), dict)
-    ]
-    for where, d in candidates:
-        prefixes = sorted(
-            {k[: -len(anchor)] for k in d if isinstance(k, str) and k.endswith(anchor)}, key=len
-        )
-        prefixes = [p for p in prefixes if p == "" or p.endswith(".")]
-        if prefixes:
-            p = prefixes[0]
-            sd = {k[len(p) :]: v for k, v in d.items() if k.startswith(p) and torch.is_tensor(v)}
-            return sd, f"{where}" + (f", prefix '{p}'" if p else "")
-    top = sorted(str(k) for k in obj)[:20]
-    raise CheckpointMismatchError(
-        f"no tensor named '*{anchor}' in the {source} (top-level keys: {top}); "
-        "is this the right kind of checkpoint?"
-    )
-
-
-def _fmt(keys: Iterable[str], n: int = 10) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_checked(
-    module: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    strict: bool,
-    expected: str,
-    source: str,
-    optional: Callable[[str], bool] = lambda k: False,
-    hint: str = "",
-) -> None:
-    """`module.load_state_dict` with a readable report; raises CheckpointMismatchError when strict."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict and not optional(k)]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match the expected architecture {expected}:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_fmt(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_fmt(unexpected)}")
-        if shapes:
-            lines.append(f"  {len(shapes)} shape mismatches: " + "; ".join(shapes[:10]))
-        if hint:
-            lines.append(f"  {hint}")
-        if strict:
-            raise CheckpointMismatchError("\n".join(lines) + "\n  (strict=False loads the matching tensors)")
-        log.warning("\n".join(lines) + "\n  loading the matching tensors only (strict=False)")
-    bad = {s.split(":")[0] for s in shapes}
-    usable = {k: v for k, v in state_dict.items() if k in own and k not in bad}
-    module.load_state_dict(usable, strict=False)
-
-
-# -- diffusers <-> LDM key table ------------------------------------------------------------------------
-
-# (LDM prefix, diffusers prefix); {i} encoder level / decoder `up` index, {r} = num_levels - 1 - i
-# (diffusers numbers decoder blocks from the deepest), {j} block index, {m} encoder|decoder.
-_KEY_TABLE = [
-    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
-    ("encoder.down.{i}.attn.{j}.", "encoder.down_blocks.{i}.attentions.{j}."),
-    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
-    ("decoder.up.{i}.block.{j}.", "decoder.up_blocks.{r}.resnets.{j}."),
-    ("decoder.up.{i}.attn.{j}.", "decoder.up_blocks.{r}.attentions.{j}."),
-    ("decoder.up.{i}.upsample.", "decoder.up_blocks.{r}.upsamplers.0."),
-    ("{m}.mid.block_1.", "{m}.mid_block.resnets.0."),
-    ("{m}.mid.block_2.", "{m}.mid_block.resnets.1."),
-    ("{m}.mid.attn_1.", "{m}.mid_block.attentions.0."),
-    ("{m}.norm_out.", "{m}.conv_norm_out."),
-]
-# Leaf module names inside a block; the last four are diffusers' pre-0.14 attention names (import only).
-_LEAF_TABLE = [
-    *[("nin_shortcut", "conv_shortcut"), ("norm", "group_norm"), ("q", "to_q"), ("k", "to_k")],
-    *[("v", "to_v"), ("proj_out", "to_out.0"), ("q", "query"), ("k", "key"), ("v", "value")],
-    ("proj_out", "proj_attn"),
-]
-_GROUPS = {"i": r"(?P<i>\d+)", "r": r"(?P<r>\d+)", "j": r"(?P<j>\d+)", "m": r"(?P<m>encoder|decoder)"}
-
-
-def _compile(template: str) -> re.Pattern:
-    return re.compile("^" + re.sub(r"\\\{(\w)\\\}", lambda g: _GROUPS[g.group(1)], re.escape(template)))
-
-
-_COMPILED = [(_compile(ldm), _compile(dif), ldm, dif) for ldm, dif in _KEY_TABLE]
-
-
-def _convert_key(key: str, num_levels: int, to_diffusers: bool) -> str:
-    for ldm_re, dif_re, ldm_t, dif_t in _COMPILED:
-        m = (ldm_re if to_diffusers else dif_re).match(key)
-        if m is None:
-            continue
-        g = m.groupdict()
-        if "i" in g:
-            g["r"] = str(num_levels - 1 - int(g["i"]))
-        elif "r" in g:
-            g["i"] = str(num_levels - 1 - int(g["r"]))
-        prefix = (dif_t if to_diffusers else ldm_t).format(**g)
-        rest = key[m.end() :]
-        for ldm_leaf, dif_leaf in _LEAF_TABLE:
-            src, dst = (ldm_leaf, dif_leaf) if to_diffusers else (dif_leaf, ldm_leaf)
-            if rest.startswith(src + "."):
-                rest = dst + rest[len(src) :]
-                break
-        return prefix + rest
-    return key  # conv_in, conv_out, quant_conv, post_quant_conv: same in both
-
-
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """LDM-named VAE state dict -> diffusers AutoencoderKL names (attention 1x1 convs -> linears)."""
-    out = {}
-    for k, v in sd.items():
-        if k in _STAT_KEYS:
-            continue
-        nk = _convert_key(k, num_levels, to_diffusers=True)
-        if v.ndim == 4 and ".attentions." in nk and nk.endswith(".weight"):
-            v = v[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
-        out[nk] = v.contiguous()
-    return out
-
-
-def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Inverse of `ldm_to_diffusers` (also accepts diffusers' old query/key/value/proj_attn names)."""
-    out = {}
-    for k, v in sd.items():
-        nk = _convert_key(k, num_levels, to_diffusers=False)
-        if v.ndim == 2 and re.search(r"\.(attn\.\d+|attn_1)\.(q|k|v|proj_out)\.weight$", nk):
-            v = v[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
-        out[nk] = v
-    return out
-
-
 # -- configs ---------------------------------------------------------------------------------------------
-
-
-def config_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
-    """The config.json diffusers' AutoencoderKL expects for this architecture."""
-    if cfg.z_channels != cfg.embed_dim or cfg.norm_eps != 1e-6:
-        raise ValueError(
-            f"diffusers' AutoencoderKL needs z_channels == embed_dim and norm_eps 1e-6; {cfg.describe()} "
-            "cannot be exported in diffusers layout"
-        )
-    attn = set(cfg.attn_levels)
-    n = len(cfg.ch_mult)
-    return {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "down_block_types": [
-            "AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D" for i in range(n)
-        ],
-        "up_block_types": [
-            "AttnUpDecoderBlock2D" if i in attn else "UpDecoderBlock2D" for i in reversed(range(n))
-        ],
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "latent_channels": cfg.embed_dim,
-        "layers_per_block": cfg.num_res_blocks,
-        "norm_num_groups": cfg.norm_groups,
-        "sample_size": cfg.resolution,
-        "mid_block_add_attention": cfg.mid_attention,
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
-        "force_upcast": True,
-    }
 
 
 def config_from_diffusers(d: dict[str, Any]) -> VAEConfig:
@@ -344,7 +148,7 @@ def load_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return stats
 
 
-# -- load / save -----------------------------------------------------------------------------------------
+# -- load -----------------------------------------------------------------------------------------------
 
 
 def load_vae(
@@ -391,7 +195,7 @@ def load_vae(
         strict=strict,
         expected=cfg.describe(),
         source=str(path),
-        optional=_STAT_KEYS.__contains__,
+        optional=STAT_KEYS.__contains__,
         hint=hint,
     )
     if latent_stats is not None:  # asked for: must fit
@@ -455,27 +259,3 @@ def _read_folder(
     sd = diffusers_to_ldm(raw, len(cfg.ch_mult))
     log.info("VAE: %s (%s) from diffusers folder %s", cfg.describe(), weights.name, path)
     return sd, cfg, stats
-
-
-def save_vae(model: AutoencoderKL, directory: str | Path) -> Path:
-    """Write config.json + diffusion_pytorch_model.safetensors (diffusers) and sendvae.json (ours).
-
-    Each file goes to a temporary name beside its target and is renamed into place, so a crash leaves
-    complete files (old or new) only.
-    """
-    directory, cfg = Path(directory), model.config
-    mean, std = model.latent_mean.float().cpu().tolist(), model.latent_std.float().cpu().tolist()
-    dif_cfg = config_to_diffusers(cfg)
-    # diffusers pipelines normalise as (z - latents_mean) * scaling_factor / latents_std
-    dif_cfg.update(scaling_factor=1.0, shift_factor=None, latents_mean=mean, latents_std=std)
-    try:
-        dif_cfg["_diffusers_version"] = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        dif_cfg["_diffusers_version"] = "0.30.0"
-    meta = {"format": "sendvae.AutoencoderKL", "format_version": FORMAT_VERSION, "config": cfg.to_dict()}
-    meta.update(latent_mean=mean, latent_std=std)
-    weights = ldm_to_diffusers(model.state_dict(), len(cfg.ch_mult))
-    atomic_save_safetensors(weights, directory / DIFFUSERS_WEIGHTS[0], metadata={"format": "pt"})
-    atomic_write_json(dif_cfg, directory / "config.json")
-    atomic_write_json(meta, directory / SENDVAE_JSON)
-    return directory

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loading, auto-resume, RNG state, and exports.
+"""Checkpoints: atomic writes, safe loading, auto-resume, RNG state, exports, and reading foreign ones.
 
 Two different things live in a run folder:
   * training state (``checkpoints/step-0001000.pt``): everything needed to continue bit-for-bit —
@@ -6,6 +6,10 @@ Two different things live in a run folder:
     ``weights_only=True`` and ``map_location="cpu"``; only tensors and plain containers go in.
   * exports (``export/``): small, framework-neutral safetensors + config.json for users.
 Running the same command again finds the newest training state and resumes from it.
+
+Every model loader (VAE, discriminator, SiT) reads a checkpoint through the same three steps:
+`read_checkpoint` (a dict, read as data), `find_state_dict` (the nested, prefixed state dict) and
+`load_checked` (a strict load whose mismatch report names the keys).
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from .weights import read_weights
+from .weights import WeightsError, read_weights
 
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
@@ -178,14 +184,87 @@ def save_training_state(run_dir: str | os.PathLike, step: int, state: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exports
+# Reading foreign checkpoints into a model
 
 
-def export_safetensors(
-    out_dir: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]
-) -> Path:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (its config) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    atomic_save_safetensors(tensors, out_dir / f"{name}.safetensors")
-    atomic_write_json(config, out_dir / f"{name}.json")
-    return out_dir / f"{name}.safetensors"
+class CheckpointMismatchError(ValueError):
+    """The tensors in a checkpoint do not fit the architecture they were loaded into."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> dict[str, Any]:
+    """Read a .safetensors file or a torch file as data (`sendvae.runtime.weights`) into a dict."""
+    obj = read_weights(path, what, map_location=map_location)
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{what} '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def find_state_dict(
+    obj: dict[str, Any], anchor: str, nest_keys: Iterable[str], source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Locate the sub-state-dict containing `anchor` (e.g. "encoder.conv_in.weight") and strip its prefix.
+
+    Looks at the top level, then under each of `nest_keys` in order; within a dict, any key ending in
+    `anchor` names the prefix (`first_stage_model.`, `module.`, `loss.discriminator.`, ...). Returns the
+    tensors under that prefix, prefix removed, and a description of where they were found.
+    """
+    candidates = [("top level", obj)] + [
+        (f"'{k}'", obj[k]) for k in nest_keys if isinstance(obj.get(k), dict)
+    ]
+    for where, d in candidates:
+        prefixes = sorted(
+            {k[: -len(anchor)] for k in d if isinstance(k, str) and k.endswith(anchor)}, key=len
+        )
+        prefixes = [p for p in prefixes if p == "" or p.endswith(".")]
+        if prefixes:
+            p = prefixes[0]
+            sd = {k[len(p) :]: v for k, v in d.items() if k.startswith(p) and torch.is_tensor(v)}
+            return sd, f"{where}" + (f", prefix '{p}'" if p else "")
+    top = sorted(str(k) for k in obj)[:20]
+    raise CheckpointMismatchError(
+        f"no tensor named '*{anchor}' in the {source} (top-level keys: {top}); "
+        "is this the right kind of checkpoint?"
+    )
+
+
+def _fmt_keys(keys: Iterable[str], n: int = 10) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_checked(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    strict: bool,
+    expected: str,
+    source: str,
+    optional: Callable[[str], bool] = lambda k: False,
+    hint: str = "",
+) -> None:
+    """`module.load_state_dict` with a readable report; raises CheckpointMismatchError when strict."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict and not optional(k)]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the expected architecture {expected}:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys: {_fmt_keys(unexpected)}")
+        if shapes:
+            lines.append(f"  {len(shapes)} shape mismatches: " + "; ".join(shapes[:10]))
+        if hint:
+            lines.append(f"  {hint}")
+        if strict:
+            raise CheckpointMismatchError("\n".join(lines) + "\n  (strict=False loads the matching tensors)")
+        log.warning("\n".join(lines) + "\n  loading the matching tensors only (strict=False)")
+    bad = {s.split(":")[0] for s in shapes}
+    usable = {k: v for k, v in state_dict.items() if k in own and k not in bad}
+    module.load_state_dict(usable, strict=False)

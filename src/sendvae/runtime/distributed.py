@@ -29,25 +29,27 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when a GPU is usable, else cpu."""
+def resolve_device(name: str = "auto", local_rank: int = 0, option: str = "--device") -> torch.device:
+    """The one reading of a device option: 'auto' -> cuda:<local_rank> when a GPU is usable, else cpu;
+    'cuda' -> cuda:<local_rank>; anything else as torch names it. `option` is the command's flag, for the
+    error when a GPU is asked for and there is none."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use --run.device cpu")
+            raise RuntimeError(f"device {name!r} requested but no CUDA GPU is available; use {option} cpu")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     return dev
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", option: str = "--device") -> DistInfo:
     """Initialise the process group when launched by torchrun; otherwise describe a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, option)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
@@ -72,12 +74,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
-    return t
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

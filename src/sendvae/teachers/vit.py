@@ -2,7 +2,8 @@
 
 The architectures come from timm (`pretrained=False`); the weights from a file the user names, in the
 official release layout (DINOv2 / DINOv3 / OpenAI CLIP / I-JEPA / MAE) or in timm names (the timm
-Hugging Face repos; open_clip's `visual.trunk.` nesting and other prefixes are stripped).
+Hugging Face repos; open_clip's `visual.trunk.` nesting and other prefixes are stripped). The official
+layouts are converted by timm's own `checkpoint_filter_fn` of the model's family (`to_timm_state`).
 
 Every ViT teacher returns one token per 16 training pixels by default, the f16 latent grid: patch-14
 models see the image at 224 * res / 256 (REPA's choice for DINOv2, CLIP and I-JEPA), patch-16 models at
@@ -12,13 +13,13 @@ the training resolution itself. Position embeddings are resampled once, at load 
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.models import eva, vision_transformer
 from torch import nn
 
 from .base import (
@@ -192,117 +193,79 @@ class ViTTeacher(Teacher):
 # Weight layouts -> timm names
 
 
-def convert_openai_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP / open_clip image tower (visual.conv1, visual.transformer.resblocks.N...) -> timm."""
-    prefix = next(k for k in state if k.endswith("class_embedding"))[: -len("class_embedding")]
-    renames = [  # ordered (pattern, replacement) on the key after the tower prefix
-        (r"^conv1\.", "patch_embed.proj."),
-        (r"^ln_pre\.", "norm_pre."),
-        (r"^ln_post\.", "norm."),
-        (r"^transformer\.resblocks\.(\d+)\.", r"blocks.\1."),
-        (r"\.ln_1\.", ".norm1."),
-        (r"\.ln_2\.", ".norm2."),
-        (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"),  # packed q, k, v in the same order
-        (r"\.attn\.out_proj\.", ".attn.proj."),
-        (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-        (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-    ]
-    out = {}
-    for key, v in state.items():
-        if not key.startswith(prefix):
-            continue  # the text tower, logit_scale
-        k = key[len(prefix) :]
-        if k == "class_embedding":
-            out["cls_token"] = v.reshape(1, 1, -1)  # (D,) -> (1, 1, D)
-        elif k == "positional_embedding":
-            out["pos_embed"] = v.unsqueeze(0)  # (1 + gh*gw, D) -> (1, 1 + gh*gw, D)
-        elif k == "proj":
-            continue  # image-text projection (D, E); the teacher returns pre-projection tokens
-        else:
-            for pattern, repl in renames:
-                k = re.sub(pattern, repl, k)
-            out[k] = v
-    return out
+# timm's converter for each model family: official release names -> timm names (OpenAI CLIP's tower,
+# DINOv2's register_tokens / cls position / SwiGLU w12-w3, DINOv3's storage_tokens / lsN.gamma / split q-v
+# bias), pretraining-only tensors dropped, absolute position embeddings resampled to the model's grid.
+StateFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+_TIMM_FILTERS: tuple[tuple[type, StateFilter], ...] = (
+    (vision_transformer.VisionTransformer, vision_transformer.checkpoint_filter_fn),
+    (eva.Eva, eva.checkpoint_filter_fn),
+)
 
 
-def convert_dinov2(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """facebookresearch/dinov2 names -> timm.
+def _clip_tower(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The OpenAI CLIP / open_clip image tower under `visual.`, the text tower and other keys dropped.
 
-    Differences: `register_tokens` is timm's `reg_token`; ViT-g stores its blocks in chunks
-    (`blocks.<chunk>.<index>.`, the index global) and its SwiGLU as `mlp.w12` / `mlp.w3`
-    (timm's packed `fc1` / `fc2`); `mask_token` is pretraining only. LayerScale is `ls1.gamma` in both.
-    timm's register variants keep no position for the cls token (no_embed_class): the official
-    pos_embed[:, 0] is folded into cls_token, which is exact since that position is never resampled.
+    Ours because timm's CLIP conversion finds the tower only under `visual.` or `module.visual.`; this
+    accepts any prefix in front of `class_embedding`.
     """
-    out = {}
-    for key, v in state.items():
-        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
-        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
-        if k == "mask_token":
-            continue
-        out["reg_token" if k == "register_tokens" else k] = v
-    pos = out.get("pos_embed")
-    has_cls_position = pos is not None and math.isqrt(pos.shape[1]) ** 2 != pos.shape[1]
-    if getattr(model, "no_embed_class", False) and has_cls_position:
-        out["cls_token"] = out["cls_token"] + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
-    return out
+    prefix = next(k for k in state if k.endswith("class_embedding"))[: -len("class_embedding")]
+    return {"visual." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def convert_dinov3(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """facebookresearch/dinov3 names -> timm's Eva: storage_tokens -> reg_token, lsN.gamma -> gamma_N.
+def _unchunk_blocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2 ViT-g training checkpoints store blocks in chunks, `blocks.<chunk>.<index>.` with a global
+    index; ours because timm's DINOv2 conversion reads flat `blocks.<index>.` names only."""
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
 
-    The official q/k/v bias is one masked vector; timm keeps q_bias and v_bias (the k bias is fixed at
-    zero) in its `_qkvb` models and no bias in the others, whose released biases are all zero.
+
+def _check_dinov3_qkv_bias(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """DINOv3's one masked q/k/v bias, for a timm model without q/v biases (all but the `_qkvb` ones).
+
+    The released biases of those models are all zero and are dropped; a non-zero one is an error. Ours
+    because timm's DINOv3 conversion drops the bias without looking at it (and prints each block's miss).
     """
     own = model.state_dict()
     out = {}
     for key, v in state.items():
-        if (
-            key == "mask_token"
-            or key.endswith((".periods", ".bias_mask"))
-            or key.startswith(("rope_embed.", "local_cls_norm", "projectors."))
-        ):
-            continue  # RoPE periods are recomputed; the rest is pretraining only
-        k = key.replace("storage_tokens", "reg_token").replace(".ls1.gamma", ".gamma_1")
-        k = k.replace(".ls2.gamma", ".gamma_2")
-        if k.endswith("attn.qkv.bias"):
+        if key.endswith("attn.qkv.bias") and key.replace("qkv.bias", "q_bias") not in own:
             q, _, vb = v.chunk(3)
-            if k.replace("qkv.bias", "q_bias") in own:
-                out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = q, vb
-            elif q.abs().max() > 0 or vb.abs().max() > 0:
+            if q.abs().max() > 0 or vb.abs().max() > 0:
                 raise TeacherWeightsError(
                     f"'{key}' holds a non-zero q/v bias but {type(model).__name__} has none; build the "
                     f"'_qkvb' variant, e.g. timm_name='{model.default_cfg.get('architecture', '')}_qkvb'"
                 )
             continue
-        out[k] = v
+        out[key] = v
     return out
 
 
 def to_timm_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Any supported layout -> the model's timm names, position embeddings resampled to its grid."""
+    """Any supported layout -> the model's timm names, position embeddings resampled to its grid.
+
+    The conversion is timm's `checkpoint_filter_fn` for the model's family; what runs before it only
+    brings a file into a form that function reads (see each helper for why).
+    """
     if any("embeddings.patch_embedding" in k for k in state):
         raise TeacherWeightsError(
             "this file is in the Hugging Face transformers layout (e.g. facebook/dinov2-base), which is "
             "not mapped; use the official release file or the model.safetensors of the timm/ Hub repo."
         )
     if any(k.endswith("class_embedding") for k in state):
-        state = convert_openai_clip(state)
+        state = _clip_tower(state)
     else:
+        # ours: timm strips a fixed list of prefixes; this finds the one under which the model's names are
         state = strip_prefix(state, set(model.state_dict()))
+        state = _unchunk_blocks(state)
         if "storage_tokens" in state:
-            state = convert_dinov3(state, model)
-        elif "register_tokens" in state or "mask_token" in state or any(".mlp.w12." in k for k in state):
-            state = convert_dinov2(state, model)
-    pos, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
-    if pos is not None and own is not None and pos.shape != own.shape:
-        npt = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        side = math.isqrt(pos.shape[1] - npt)
-        state["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=npt
+            state = _check_dinov3_qkv_bias(state, model)
+    timm_filter = next((f for cls, f in _TIMM_FILTERS if isinstance(model, cls)), None)
+    if timm_filter is None:
+        raise TeacherWeightsError(
+            f"no weight conversion for timm's {type(model).__name__}: ViT teachers are timm "
+            "VisionTransformer or Eva models"
         )
-    return state
+    return timm_filter(state, model)
 
 
 def _is_vision_transformer(timm_name: str) -> bool:

@@ -20,9 +20,9 @@ from ..losses.lpips import (
     trunk_cache_path,
 )
 from ..models.discriminator import NLayerDiscriminator, load_discriminator
-from ..models.mapper import Mapper, VFProjector
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
+from .alignment import alignment_for, head_summary
 from .vae_config import TrainVAEConfig
 
 
@@ -106,35 +106,17 @@ def initial_latent_stats(
 def build_head(
     cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | None, logger=None
 ) -> nn.Module | None:
-    """The alignment head for ``--loss.align``: Send-VAE mapper, REPA-style MLP, VF projection, or none.
+    """The alignment head of ``--loss.align``, built by its registry entry (train/alignment.py), or None.
 
-    With ``--mapper.latent_norm fixed`` the mapper's LatentNorm gets `initial_latent_stats` here, before
-    the first step (measured on the teacher's device); they stay fixed for the run and travel in its
-    checkpoints.
+    None for a variant without a head, or without a teacher to size it.
     """
-    kind = cfg.loss.align
-    if kind == "none" or teacher is None:
+    entry = alignment_for(cfg)
+    if entry.build_head is None or teacher is None:
         return None
-    res = cfg.data.resolution
-    latent_grid = tuple(vae.latent_grid(res))
-    teacher_grid = tuple(teacher.grid_size(res))
-    if kind == "vf":
-        if latent_grid != teacher_grid:
-            raise ValueError(
-                f"the VF loss compares latent tokens {latent_grid} with teacher tokens "
-                f"{teacher_grid} one to one; they must match (VA-VAE uses f16 with a /14 teacher "
-                f"at 224)"
-            )
-        return VFProjector(vae.latent_channels, teacher.embed_dim)
-    mcfg = cfg.mapper
-    if kind == "repa":
-        import dataclasses
-
-        mcfg = dataclasses.replace(mcfg, depth=0, noise=False)
-    mapper = Mapper(vae.latent_channels, latent_grid, teacher.embed_dim, teacher_grid, mcfg)
-    if mcfg.latent_norm == "fixed":
-        mapper.set_latent_stats(*initial_latent_stats(cfg, vae, _device_of(teacher), logger))
-    return mapper
+    head = entry.build_head(cfg, vae, teacher, logger)
+    if logger is not None:
+        logger.info(head_summary(entry, cfg, head))
+    return head
 
 
 def build_disc(cfg: TrainVAEConfig) -> nn.Module:

@@ -38,8 +38,12 @@ class RunConfig:
     sample_every: int = option(1000, "steps between image grids (0 = only at the end)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
     stats_images: int = option(2048, "images used to measure the per-channel latent mean/std at export")
-    fault_nan_steps: tuple[int, ...] = option((), "testing aid: steps whose input batch is made NaN")
-    fault_exit_step: int | None = option(None, "testing aid: exit abruptly (no cleanup) after this step")
+    fault_nan_steps: tuple[int, ...] = option(
+        (), "testing aid: steps whose input batch is made NaN", hidden=True
+    )
+    fault_exit_step: int | None = option(
+        None, "testing aid: exit abruptly (no cleanup) after this step", hidden=True
+    )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -2,21 +2,26 @@
 
 export/vae/config.json, diffusion_pytorch_model.safetensors, sendvae.json   (AutoencoderKL.save_pretrained)
 export/vae/mapper.safetensors, mapper.json                                  (the alignment head, if any)
+
+What is exported beside the VAE is the alignment variant's (``Alignment.export``, train/alignment.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..data import to_float
-from ..models.mapper import Mapper, MapperConfig
+from ..models.mapper import Mapper
 from ..models.vae import AutoencoderKL
 from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
+
+if TYPE_CHECKING:
+    from .vae_config import TrainVAEConfig
 
 
 @torch.no_grad()
@@ -53,28 +58,26 @@ def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
     atomic_write_json(meta, out_dir / "mapper.json")
 
 
-def load_mapper(export_dir: str | Path) -> Mapper:
-    """Load the mapper exported beside a VAE (``export/vae``)."""
-    from ..runtime.weights import read_weights
-
-    d = Path(export_dir)
-    meta_path = d / "mapper.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"no mapper.json in {d}: this VAE was exported without an alignment mapper")
-    meta = json.loads(meta_path.read_text())
-    m = Mapper(
-        meta["latent_channels"],
-        tuple(meta["latent_grid"]),
-        meta["teacher_dim"],
-        tuple(meta["teacher_grid"]),
-        from_dict(MapperConfig, meta["config"]),
-    )
-    m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
-    return m.eval()
+def export_mapper(
+    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module
+) -> None:
+    """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
+    res = cfg.data.resolution
+    meta = {
+        "latent_channels": vae.latent_channels,
+        "latent_grid": list(vae.latent_grid(res)),
+        "teacher_dim": teacher.embed_dim,
+        "teacher_grid": list(teacher.grid_size(res)),
+        "teacher": cfg.teacher.enc_type,
+        "resolution": res,
+        "config": to_dict(mapper.config),
+    }
+    save_mapper(mapper, out_dir, meta)
 
 
 def export_run(trainer) -> Path:
-    """Export the trained VAE (EMA weights when kept) with fresh latent statistics, and the mapper."""
+    """Export the trained VAE (EMA weights when kept) with fresh latent statistics, and what the alignment
+    variant exports beside it (``Alignment.export``: the mapper, or nothing)."""
     cfg = trainer.cfg
     out = trainer.run_dir / "export" / "vae"
     vae = trainer.ema if trainer.ema is not None else trainer.model.vae
@@ -83,20 +86,7 @@ def export_run(trainer) -> Path:
     )
     vae.set_latent_stats(mean, std)
     vae.save_pretrained(out)
-    head = trainer.model.head
-    if isinstance(head, Mapper):
-        res = cfg.data.resolution
-        save_mapper(
-            head,
-            out,
-            {
-                "latent_channels": trainer.model.vae.latent_channels,
-                "latent_grid": list(trainer.model.vae.latent_grid(res)),
-                "teacher_dim": trainer.teacher.embed_dim,
-                "teacher_grid": list(trainer.teacher.grid_size(res)),
-                "teacher": cfg.teacher.enc_type,
-                "resolution": res,
-                "config": to_dict(head.config) if hasattr(head, "config") else to_dict(cfg.mapper),
-            },
-        )
+    head, alignment = trainer.model.head, trainer.alignment
+    if head is not None and alignment.export is not None:
+        alignment.export(head, out, cfg, trainer.model.vae, trainer.teacher)
     return out

@@ -3,7 +3,9 @@
 A trainer subclasses ``TrainerBase`` and provides ``train_step(batch) -> dict of device tensors`` (with
 ``"skipped"``: 1 when the step's update was skipped), ``state_dict()`` / ``load_state(state)`` (its
 models and optimizers), ``dataset`` and ``model``, and optionally ``save_grid()`` and
-``extra_log(row, img_per_s)``.
+``extra_log(row, img_per_s)``. The decisions every run shares are the base's: the global batch splits
+evenly over the processes, the global RNG is seeded before any model is built, the length in steps
+(``steps_for``) and the optimizer (``adamw``) come from the same ``--optim.*`` fields.
 
 Resuming is exact by construction: the data position is the step (``StepBatchSampler``) and every random
 draw of a step comes from a generator seeded with (seed, step, rank) (`step_seed`), so the newest
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import sys
 import time
@@ -32,7 +35,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..runtime.log import RunLogger
 from ..runtime.weights import WeightsError
-from .common import MetricSums, step_seed
+from .common import MetricSums, fused_adamw, step_seed
 from .resume import FREE_COMMON, refused_changes
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,40 @@ class TrainerBase:
         self.step = 0
         self.nan_steps = torch.zeros((), device=self.device)
         self.recent_skips: collections.deque[torch.Tensor] = collections.deque(maxlen=DIVERGENCE_WINDOW)
+        self.check_batch_size()
+        self.seed_initial_weights()
+
+    # -- shared decisions -------------------------------------------------------------------------------
+    def check_batch_size(self) -> None:
+        """The global ``--optim.batch_size`` must split evenly: each process takes batch_size / world."""
+        bs, world = self.cfg.optim.batch_size, self.dist.world_size
+        if bs % world:
+            raise ValueError(
+                f"--optim.batch_size {bs} must be divisible by the number of processes ({world})"
+            )
+
+    def seed_initial_weights(self) -> None:
+        """Seed the global RNG with ``--run.seed`` before any model is built: every rank draws the same
+        initial weights, so they are identical whatever the number of processes."""
+        torch.manual_seed(self.cfg.run.seed)
+
+    def steps_for(self, dataset_len: int) -> int:
+        """Training length: ``--optim.max_steps`` when set, else ceil(epochs * dataset_len / batch_size)."""
+        o = self.cfg.optim
+        if o.max_steps is not None:
+            steps = o.max_steps
+        elif o.epochs is not None:
+            steps = math.ceil(o.epochs * dataset_len / o.batch_size)
+        else:
+            steps = 0
+        if steps <= 0:
+            raise ValueError("set --optim.max_steps or --optim.epochs")
+        return steps
+
+    def adamw(self, params, lr: float | None = None) -> torch.optim.AdamW:
+        """The fused AdamW of ``--optim.lr`` (or ``lr``), ``--optim.betas`` and ``--optim.weight_decay``."""
+        o = self.cfg.optim
+        return fused_adamw(params, o.lr if lr is None else lr, o.betas, o.weight_decay)
 
     # -- to provide -------------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
-from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
+from .common import BufferGuard, autocast_dtype, ema_update, optimizer_step, setup_backends
 from .loop import TrainerBase
 from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
@@ -58,9 +58,7 @@ def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT
     try:
         mcfg = sized_sit_config(m.model, size, **kw)
     except ValueError as e:
-        raise ValueError(
-            f"--model.model {m.model} does not fit the store's {c}x{h}x{w} latents: {e}"
-        ) from None
+        raise ValueError(f"--model {m.model} does not fit the store's {c}x{h}x{w} latents: {e}") from None
     return SiT(mcfg, grad_checkpointing=m.grad_checkpointing)
 
 
@@ -70,7 +68,7 @@ class LatentsWithImages(torch.utils.data.Dataset):
 
     def __init__(self, store: LatentStore):
         from ..data import build_dataset
-        from ..train.vae_config import DataConfig
+        from ..data.config import DataConfig
 
         info = store.manifest["dataset"]
         cfg = DataConfig(
@@ -120,12 +118,11 @@ class SiTTrainer(TrainerBase):
     def __init__(self, cfg: TrainSiTConfig, dist: DistInfo, run_dir: Path, logger: RunLogger):
         super().__init__(cfg, dist, run_dir, logger)
         dev = self.device
-        torch.manual_seed(cfg.run.seed)  # identical initial weights whatever the number of processes
         setup_backends(dev, cfg.run.tf32)
         self.amp = autocast_dtype(cfg.run.precision, dev)
         if cfg.data.store is None:
             raise ValueError(
-                "train-sit reads a latent store: pass --data.store DIR (made by `sendvae cache-latents`)"
+                "train-sit reads a latent store: pass --store DIR (made by `sendvae cache-latents`)"
             )
         self.repa = cfg.transport.proj_coeff > 0
         store = LatentStore(cfg.data.store)
@@ -145,8 +142,8 @@ class SiTTrainer(TrainerBase):
             if store.feature_shape is None:
                 raise ValueError(
                     f"REPA needs teacher features, and {cfg.data.store} has none: cache the latents "
-                    "again with --teacher NAME, run the teacher online (--data.teacher NAME), or train "
-                    "without REPA (--transport.proj_coeff 0)"
+                    "again (`sendvae cache-latents --enc-type NAME`), run the teacher online (--data.teacher "
+                    "NAME), or train without REPA (--proj-coeff 0)"
                 )
             feat = store.feature_shape
         self.store = LatentStore(cfg.data.store, with_features=self.repa and self.teacher is None)
@@ -164,15 +161,8 @@ class SiTTrainer(TrainerBase):
         self.model = build_sit(cfg, self.store, feat[1] if self.repa else None).to(dev)
         self.model_cfg = self.model.config
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        o = cfg.optim
-        self.opt = fused_adamw(self.model.parameters(), o.lr, o.betas, o.weight_decay)
-        self.max_steps = o.max_steps or math.ceil((o.epochs or 0) * len(self.store) / o.batch_size)
-        if self.max_steps <= 0:
-            raise ValueError("set --optim.max_steps or --optim.epochs")
-        if o.batch_size % dist.world_size:
-            raise ValueError(
-                f"--optim.batch_size {o.batch_size} must be divisible by {dist.world_size} processes"
-            )
+        self.opt = self.adamw(self.model.parameters())
+        self.max_steps = self.steps_for(len(self.store))
         self.feat_grid = None
         if self.repa and feat[0] != self.model_cfg.num_tokens:
             g = int(round(math.sqrt(feat[0])))

@@ -1,9 +1,9 @@
 """Config of ``sendvae train-sit``: SiT + REPA flow matching on a latent store, and its presets.
 
 Presets (``--preset``):
-  sit-xl2-repa   the paper's stage 2 (REFERENCE.md section 3): SiT-XL/2, REPA after block 8 with
-                 proj_coeff 0.5, AdamW lr 1e-4 wd 0, batch 256, grad clip 1, EMA 0.9999, 80 epochs of
-                 ImageNet (~400k steps), label dropout 0.1.
+  sit-xl2-repa   the paper's stage 2 (the SiT + REPA recipe of Yu et al., as Send-VAE trains it): SiT-XL/2,
+                 REPA after block 8 with proj_coeff 0.5, AdamW lr 1e-4 wd 0, batch 256, grad clip 1,
+                 EMA 0.9999, 80 epochs of ImageNet (~400k steps), label dropout 0.1.
   sit-b2-repa    the same at SiT-B/2 (REPA after block 4), the size of the paper's ablations.
   shapes-tiny    the embedded example: a 4-block, 128-wide SiT/2 on a shapes latent store, CPU minutes.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..config import PresetRegistry, option
 from ..diffusion.transport import TransportConfig
+from ..models.sit import SIT_MODELS
 from .common import RunConfig
 
 
@@ -34,7 +35,7 @@ class SiTDataConfig:
 
 @dataclass
 class SiTModelConfig:
-    model: str = option("SiT-XL/2", "SiT size and patch, e.g. SiT-B/2, SiT-XL/2 (see `sendvae info`)")
+    model: str = option("SiT-XL/2", "SiT size and patch (REPA's --model)", choices=tuple(SIT_MODELS))
     depth: int | None = option(None, "override the preset's depth (small experiments)")
     hidden_size: int | None = option(None, "override the preset's width")
     num_heads: int | None = option(None, "override the preset's number of heads")

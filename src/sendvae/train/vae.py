@@ -15,7 +15,6 @@ A skipped generator step skips the discriminator step too; the step counts once 
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..losses.vae_loss import VAELoss
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
+from .alignment import alignment_for
 from .builders import (
     build_disc,
     build_head,
@@ -36,19 +36,11 @@ from .builders import (
     build_vae_for,
     check_lpips_for,
 )
-from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step, setup_backends
+from .common import BufferGuard, autocast_dtype, ema_update, optimizer_step, setup_backends
 from .loop import TrainerBase
 from .resume import FREE_VAE
 from .vae_config import TrainVAEConfig
 from .vae_model import SendVAEModel
-
-
-def total_steps(cfg: TrainVAEConfig, dataset_len: int) -> int:
-    if cfg.optim.max_steps is not None:
-        return cfg.optim.max_steps
-    if cfg.optim.epochs is None:
-        raise ValueError("set --optim.max_steps or --optim.epochs")
-    return math.ceil(cfg.optim.epochs * dataset_len / cfg.optim.batch_size)
 
 
 class VAETrainer(TrainerBase):
@@ -58,23 +50,20 @@ class VAETrainer(TrainerBase):
         super().__init__(cfg, dist, run_dir, logger)
         dev = self.device
         check_lpips_for(cfg)  # missing LPIPS files: one line before anything is built
-        torch.manual_seed(cfg.run.seed)  # identical initial weights whatever the number of processes
         setup_backends(dev, cfg.run.tf32)
         self.amp = autocast_dtype(cfg.run.precision, dev)
         self.cl = cfg.run.channels_last and dev.type == "cuda"
 
         self.dataset = build_dataset(cfg.data, seed=cfg.run.seed)
-        self.max_steps = total_steps(cfg, len(self.dataset))
-        if cfg.optim.batch_size % dist.world_size:
-            raise ValueError(
-                f"--optim.batch_size {cfg.optim.batch_size} must be divisible by the "
-                f"number of processes ({dist.world_size})"
-            )
+        self.max_steps = self.steps_for(len(self.dataset))
 
         vae = build_vae_for(cfg, logger)
-        self.teacher = build_teacher_for(cfg, dev) if cfg.loss.align != "none" else None
+        # --loss.align, chosen once: its entry decides on the teacher, the head, the loss and the export
+        self.alignment = alignment_for(cfg)
+        self.teacher = build_teacher_for(cfg, dev) if self.alignment.needs_teacher else None
         head = build_head(cfg, vae, self.teacher, logger=logger)
-        self.model = SendVAEModel(vae, head, cfg.model.sample_posterior).to(dev)
+        grid = self.alignment.token_grid(head) if head is not None else None
+        self.model = SendVAEModel(vae, head, cfg.model.sample_posterior, grid).to(dev)
         if cfg.optim.freeze_decoder:
             for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
                 p.requires_grad_(False)
@@ -85,14 +74,15 @@ class VAETrainer(TrainerBase):
         use_gan = cfg.loss.gan_weight > 0
         self.disc = build_disc(cfg).to(dev) if use_gan else None
         lpips = build_lpips_for(cfg)
-        self.loss = VAELoss(cfg.loss, lpips.to(dev) if lpips is not None else None, self.disc).to(dev)
+        lpips = lpips.to(dev) if lpips is not None else None
+        self.loss = VAELoss(cfg.loss, lpips, self.disc, self.alignment).to(dev)
 
         o = cfg.optim
         g_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt_g = fused_adamw(g_params, o.lr, o.betas, o.weight_decay)
+        self.opt_g = self.adamw(g_params)
         self.opt_d = None
         if self.disc is not None:
-            self.opt_d = fused_adamw(self.disc.parameters(), o.disc_lr or o.lr, o.betas, o.weight_decay)
+            self.opt_d = self.adamw(self.disc.parameters(), o.disc_lr or o.lr)
 
         self.resume()
 

@@ -3,7 +3,7 @@
 Presets (``--preset``):
   shapes-tiny            the embedded default: procedural shapes at 64 px, a tiny f4d16 VAE (MSE), the bundled
                          EfficientNet-Lite0 teacher; finishes in minutes on a 2-core CPU, no downloads.
-  sendvae-f16d32         the paper's recipe (REFERENCE.md section 1): init from VA-VAE f16d32, DINOv2-B,
+  sendvae-f16d32         the paper's recipe (Send-VAE, Sec. 3): init from VA-VAE f16d32, DINOv2-B,
                          1 mapper block, noise injection, L1 + LPIPS + KL 1e-6 + PatchGAN 0.1 from step 0,
                          global batch 1024, AdamW lr 3e-4, 80 epochs of ImageNet 256. LPIPS is the
                          standard LPIPS-VGG (torchvision VGG16 trunk + lpips heads, files on disk).
@@ -17,18 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PresetRegistry, option
+from ..data.config import DataConfig
 from ..models.mapper import MapperConfig
+from .alignment import ALIGNMENTS, alignment_help
 from .common import RunConfig
-
-
-@dataclass
-class DataConfig:
-    name: str = option("shapes", "dataset", choices=("shapes", "prepared", "imagefolder", "fashion-mnist"))
-    path: str | None = option(None, "dataset folder (prepared / imagefolder / fashion-mnist)")
-    resolution: int = option(256, "training resolution in pixels")
-    hflip: bool = option(True, "random horizontal flips")
-    num_workers: int = option(4, "DataLoader worker processes per rank")
-    shapes_length: int = option(1_000_000, "number of distinct images of the shapes dataset")
 
 
 @dataclass
@@ -57,11 +49,7 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    align: str = option(
-        "sendvae",
-        "alignment: sendvae (mapper + noise), repa (MLP on the clean latent), vf (VA-VAE), none",
-        choices=("sendvae", "repa", "vf", "none"),
-    )
+    align: str = option("sendvae", alignment_help(), choices=tuple(ALIGNMENTS))  # train/alignment.py
     align_weight: float = option(1.0, "lambda_align")
     vf_margin_cos: float = option(0.5, "VF loss: cosine margin m_c")
     vf_margin_dist: float = option(0.25, "VF loss: distance-matrix margin m_d")

@@ -3,9 +3,9 @@
 One module so that DDP sees every parameter that receives gradients in one forward:
     x -> VAE encoder -> posterior -> z ~ q(z|x) -> decoder -> x_hat
                                      z -> alignment head -> tokens (B, N, D_teacher)
-The alignment head is the Send-VAE mapper (patch embed -> ViT blocks -> MLP projector, with
-z_t = (1 - t) z + t eps inside), the same mapper with depth 0 and no noise for the REPA-style direct
-alignment baseline, or VA-VAE's bias-free 1x1 projection for the VF loss.
+The alignment head is the chosen variant's (train/alignment.py): the Send-VAE mapper (patch embed ->
+ViT blocks -> MLP projector, with z_t = (1 - t) z + t eps inside), the same mapper with depth 0 and no
+noise for the REPA-style direct alignment baseline, VA-VAE's bias-free 1x1 projection, or none.
 """
 
 from __future__ import annotations
@@ -13,16 +13,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.mapper import Mapper
 from ..models.vae import AutoencoderKL, DiagonalGaussian
 
 
 class SendVAEModel(nn.Module):
-    def __init__(self, vae: AutoencoderKL, head: nn.Module | None, sample_posterior: bool = True):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        head: nn.Module | None,
+        sample_posterior: bool = True,
+        token_grid: tuple[int, int] | None = None,
+    ):
+        """``token_grid``: the head's token grid when it may differ from the teacher's (the variant's
+        ``Alignment.token_grid(head)``); the trainer resamples the teacher tokens to it."""
         super().__init__()
         self.vae = vae
         self.head = head
         self.sample_posterior = sample_posterior
+        self._token_grid = tuple(token_grid) if token_grid is not None else None
 
     def forward(
         self, x: torch.Tensor
@@ -35,6 +43,4 @@ class SendVAEModel(nn.Module):
 
     @property
     def token_grid(self) -> tuple[int, int] | None:
-        if isinstance(self.head, Mapper):
-            return tuple(self.head.token_grid)
-        return None
+        return self._token_grid

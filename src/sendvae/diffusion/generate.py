@@ -1,0 +1,211 @@
+"""Class-conditional samples of a SiT, decoded by its VAE, as an ADM .npz (`sendvae sample` calls this).
+
+    from sendvae.diffusion.generate import generate
+    from sendvae.diffusion.sampling import SamplerConfig
+
+    npz = generate("runs/sit-xl2", 50000, SamplerConfig(mode="sde", steps=250, cfg_scale=2.5), "samples")
+
+Image i uses seed + i (its own generator), so the samples do not depend on the batch size or the number
+of processes. Rank r makes images r, r + world, ...; every batch is written atomically to
+OUTPUT/<name>.parts/ and skipped when called again (resume); rank 0 merges the parts into
+OUTPUT/<name>.npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) and a grid of the first 64 as <name>.png.
+The SiT, VAE and latent statistics are resolved by `diffusion.sit_source`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.latent_stats import LatentStats
+from ..runtime import checkpoint as ckpt
+from .sampling import SamplerConfig, sample
+from .sit_source import LoadedSiT, load_sit_source, load_vae_and_stats
+
+# -- labels, names and parts ---------------------------------------------------------------------------------
+
+
+def make_labels(n: int, num_classes: int, seed: int, mode: str) -> torch.Tensor:
+    """(n,) int64, the same for any number of processes: uniform at random, or each class n / K times
+    (i % K, shuffled by a seeded permutation)."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "equal":
+        return (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    return torch.randint(0, num_classes, (n,), generator=g)
+
+
+def output_name(model_name: str, cfg: SamplerConfig, seed: int, n: int, labels: str) -> str:
+    name = f"samples_{model_name}_{cfg.tag()}_{cfg.precision}_seed{seed}_n{n}"
+    return name + ("_eq" if labels == "equal" else "")
+
+
+def _write_part(path: Path, **arrays: np.ndarray) -> None:
+    ckpt.atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+
+
+def _done_indices(parts: Path) -> set[int]:
+    done: set[int] = set()
+    for f in parts.glob("part-*.npz"):
+        with np.load(f) as z:
+            done.update(z["indices"].tolist())
+    return done
+
+
+def merge_parts(parts: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """All parts -> (images (n, H, W, 3) uint8, labels (n,)); every index must be present."""
+    images = labels = None
+    seen = np.zeros(n, dtype=bool)
+    for f in sorted(parts.glob("part-*.npz")):
+        with np.load(f) as z:
+            idx = z["indices"]
+            if images is None:
+                images = np.zeros((n, *z["images"].shape[1:]), dtype=np.uint8)
+                labels = np.zeros(n, dtype=np.int64)
+            images[idx], labels[idx], seen[idx] = z["images"], z["labels"], True
+    missing = np.flatnonzero(~seen)
+    if len(missing):
+        raise RuntimeError(
+            f"{len(missing)} samples missing from {parts} (e.g. {missing[:10].tolist()}); run again"
+        )
+    return images, labels
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
+    import torchvision
+
+    x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float().div(255)  # (n, 3, H, W)
+    buf = io.BytesIO()
+    torchvision.utils.save_image(x, buf, format="png", nrow=nrow)
+    ckpt.atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+
+
+def generate(
+    sit_source: str | os.PathLike | LoadedSiT,
+    num_samples: int,
+    sampler_cfg: SamplerConfig,
+    output_dir: str | os.PathLike = "samples",
+    *,
+    vae: str | nn.Module | None = None,
+    vae_config: str | None = None,
+    latent_stats: str | LatentStats | None = None,
+    train_steps: int | None = None,
+    weights: str = "ema",
+    batch_size: int = 64,
+    seed: int = 0,
+    label_sampling: str = "random",
+    device: str | torch.device = "auto",
+    dist: Any = None,
+    progress: bool = True,
+) -> Path:
+    """Make `num_samples` images of a SiT into OUTPUT/<name>.npz; returns its path (on every rank).
+
+    sit_source: a train-sit run folder (checkpoint `train_steps`, default the latest), a SiT export
+        folder or checkpoint file, or a `LoadedSiT` (`diffusion.sit_source`); `weights`: ema or model.
+    vae: a `load_vae` spec or a module (default: the VAE the run names); vae_config names the
+        architecture of a bare checkpoint.
+    latent_stats: for a SiT that records none: a latent store, latents.json or stats file, "vae" for the
+        VAE's own, or LatentStats; a run's recorded statistics are always the ones used.
+    label_sampling: "random" (uniform) or "equal" (as many of each class, shuffled), drawn from `seed`.
+    dist: a `runtime.distributed.DistInfo` (under torchrun: `init_distributed`'s); default: one process
+        on `device` ("auto": the GPU when there is one).
+    """
+    from tqdm import tqdm
+
+    from ..data.latent_store import vae_fingerprint
+    from ..data.transforms import to_uint8
+    from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    dist = dist or DistInfo(0, 1, 0, resolve_device(str(device)))
+    sit = sit_source
+    if not isinstance(sit, LoadedSiT):
+        sit = load_sit_source(sit_source, train_steps, weights)
+    model = sit.model.to(dist.device).eval().requires_grad_(False)
+    vae_module, stats = load_vae_and_stats(sit, vae, vae_config, latent_stats)
+    vae_module = vae_module.to(dist.device)
+    mc = model.config
+    n = num_samples
+    labels_all = make_labels(n, mc.num_classes, seed, label_sampling)
+    out = Path(output_dir)
+    name = output_name(sit.name, sampler_cfg, seed, n, label_sampling)
+    final, parts = out / f"{name}.npz", out / f"{name}.parts"
+    if final.exists():
+        if dist.is_main:  # finish what a run killed after writing the .npz left undone
+            if not (out / f"{name}.png").exists():
+                with np.load(final) as f:
+                    save_grid(f["arr_0"][:64], out / f"{name}.png")
+            shutil.rmtree(parts, ignore_errors=True)
+            print(f"{final} exists; nothing to do")
+        return final
+    vae_name = f"module {vae_fingerprint(vae_module)}" if isinstance(vae, nn.Module) else str(vae or sit.vae)
+    settings = {
+        "model": sit.source, "weights": sit.weights, "vae": vae_name,
+        "sampler": dataclasses.asdict(sampler_cfg), "seed": seed, "num_samples": n,
+        "label_sampling": label_sampling,
+    }  # fmt: skip
+    error = None
+    if dist.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        ckpt.sweep_temp_files(out, parts)  # leftovers of a killed write
+        sfile = parts / "settings.json"
+        if sfile.exists() and json.loads(sfile.read_text()) != settings:
+            error = (
+                f"{parts} holds samples made with other settings; delete it or use another output folder "
+                "(--output-dir)"
+            )
+        else:
+            ckpt.atomic_write_json(settings, sfile)
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    barrier()
+
+    done = _done_indices(parts)
+    todo = [i for i in range(dist.rank, n, dist.world_size) if i not in done]
+    if dist.is_main:
+        print(
+            f"{name}: {n} samples ({n - len(done)} to make) by {dist.world_size} process(es), "
+            f"{mc.describe()}",
+            flush=True,
+        )
+    bar = tqdm(total=len(todo), unit="img", desc="sample", disable=not (progress and dist.is_main))
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b : b + batch_size]
+        y = labels_all[idx].to(dist.device)
+        z = sample(model, y, [seed + i for i in idx], sampler_cfg)  # (B, C, h, w), normalised latents
+        with torch.no_grad():
+            x = vae_module.decode(stats.denormalize(z)).float()  # (B, 3, H, W) in [-1, 1]
+        bad = [i for i, ok in zip(idx, x.flatten(1).isfinite().all(1).tolist()) if not ok]
+        if bad:
+            raise FloatingPointError(f"non-finite samples at indices {bad[:20]} (seeds seed + index)")
+        images = to_uint8(x.clamp(-1, 1)).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        _write_part(
+            parts / f"part-{idx[0]:07d}.npz",
+            images=images,
+            labels=y.cpu().numpy(),
+            indices=np.asarray(idx, dtype=np.int64),
+        )
+        bar.update(len(idx))
+    bar.close()
+    barrier()  # every part is on disk
+    if dist.is_main:
+        images, labels = merge_parts(parts, n)
+        save_grid(images, out / f"{name}.png")  # before the .npz, whose presence means "done"
+        ckpt.atomic_write_bytes(final, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+        shutil.rmtree(parts)
+        print(f"wrote {final} {images.shape} and {name}.png", flush=True)
+    barrier()
+    return final
