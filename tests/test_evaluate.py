@@ -121,6 +121,7 @@ def test_make_ref_then_self_evaluation_teacher_fd(tmp_path, capsys):
     assert abs(out["FD_efficientnet-lite0"]) < 1e-3  # FD > 0 for different sets: test above
 
 
+@pytest.mark.slow
 def test_inception_metrics(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setattr(adm, "frechet_distance", _cheap_fd)
     ref = tmp_path / "ref.npz"

@@ -19,10 +19,10 @@ from sendvae.cli import main as cli_main
 from sendvae.data import ShapesDataset, to_float
 from sendvae.data.caching import STOP_AFTER_ENV
 from sendvae.data.latent_store import (
+    LatentStore,
     LatentStoreMismatchError,
     bytes_per_image,
     draw_latents,
-    open_store,
     select_flip,
     state_fingerprint,
     vae_fingerprint,
@@ -48,7 +48,7 @@ def cache_args(vae: Path, out: Path, *extra: str) -> list[str]:
 
 
 def read_all(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    store = open_store(root)
+    store = LatentStore(root)
     return store.gather(range(len(store))).numpy(), store.labels
 
 
@@ -85,7 +85,7 @@ def test_moments_equal_direct_encode(store_dir, vae_dir):
 
 
 def test_statistics_equal_float64(store_dir):
-    store = open_store(store_dir)
+    store = LatentStore(store_dir)
     m = store.gather(range(len(store))).double().numpy()
     mu, sd = m[:, :, 0], m[:, :, 1]  # (N, 2, C, h, w)
     # z ~ q(z|x) over images, flips and positions: E[z] = E[mu], E[z^2] = E[mu^2 + sigma^2]
@@ -132,7 +132,7 @@ def test_interrupted_run_resumes(store_dir, vae_dir, tmp_path, capsys):
     assert done == ["shard-00000.json", "shard-00001.json"]
     assert not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="run the same command again"):
-        open_store(out)
+        LatentStore(out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0000[01].*")}
 
     assert main(cache_args(vae_dir, out)) == 0
@@ -141,11 +141,11 @@ def test_interrupted_run_resumes(store_dir, vae_dir, tmp_path, capsys):
     a, b = read_all(store_dir), read_all(out)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
-    assert open_store(out).manifest["latent_stats"] == open_store(store_dir).manifest["latent_stats"]
+    assert LatentStore(out).manifest["latent_stats"] == LatentStore(store_dir).manifest["latent_stats"]
 
 
 def test_store_from_another_vae_is_refused(store_dir, vae_dir, tmp_path, capsys):
-    store = open_store(store_dir)
+    store = LatentStore(store_dir)
     vae = load_vae(vae_dir)
     store.check_vae(vae)
     store.check_vae(vae_fingerprint(vae))
@@ -182,7 +182,7 @@ def test_fingerprint_depends_on_values_not_dtype(vae_dir):
 
 
 def test_manifest_contents(store_dir, vae_dir):
-    store = open_store(store_dir)
+    store = LatentStore(store_dir)
     m = store.manifest
     vae = load_vae(vae_dir)
     assert m["vae"]["fingerprint"] == vae_fingerprint(vae)
@@ -207,7 +207,7 @@ def test_teacher_tokens(vae_dir, tmp_path, capsys):
     assert f"{n} x 2 flips x 4 tokens x 384 x 2 B" in printed and f"({per_image} B/image)" in printed
     assert printed.index("teacher tokens") < printed.index("rank 0 encoded")  # printed before encoding
 
-    store = open_store(out, with_features=True)
+    store = LatentStore(out, with_features=True)
     assert store.feature_shape == (4, 384)
     moments, feats, label = store[3]
     assert moments.shape == (2, 2, 4, 4, 4) and feats.shape == (2, 4, 384) and feats.dtype == torch.float16
@@ -229,7 +229,7 @@ def test_teacher_tokens(vae_dir, tmp_path, capsys):
 
 
 def test_dataloader_with_two_workers(store_dir):
-    store = open_store(store_dir)
+    store = LatentStore(store_dir)
     loader = DataLoader(store, batch_size=8, num_workers=2, shuffle=False)
     moments, labels = zip(*loader)
     torch.testing.assert_close(torch.cat(moments), store.gather(range(N)), rtol=0, atol=0)
@@ -237,7 +237,7 @@ def test_dataloader_with_two_workers(store_dir):
 
 
 def test_batches_and_draw_latents(store_dir):
-    store = open_store(store_dir)
+    store = LatentStore(store_dir)
     batches = list(store.batches(8, seed=3))
     assert (
         len(batches) == N // 8 and batches[0][0].shape == (8, 4, 4, 4) and batches[0][1].dtype == torch.int64
@@ -265,6 +265,6 @@ def test_fp16_store_and_bf16_encoder(store_dir, vae_dir, tmp_path):
     half, ref = read_all(out)[0], read_all(store_dir)[0]
     assert half.dtype == np.float16
     np.testing.assert_allclose(half.astype(np.float32), ref, rtol=0.05, atol=0.05)
-    assert sum(s["sizes"]["moments"] for s in open_store(out).manifest["shards"]) < (
-        sum(s["sizes"]["moments"] for s in open_store(store_dir).manifest["shards"])
+    assert sum(s["sizes"]["moments"] for s in LatentStore(out).manifest["shards"]) < (
+        sum(s["sizes"]["moments"] for s in LatentStore(store_dir).manifest["shards"])
     )

@@ -94,6 +94,7 @@ def _cli_modules() -> list[str]:
     return [m for m in sys.modules if _is_cli(m)]
 
 
+@pytest.mark.slow
 def test_python_api_caches_samples_and_probes_without_a_command(tmp_path, monkeypatch):
     for name in _cli_modules():  # imported by other tests of this session; put back afterwards
         monkeypatch.delitem(sys.modules, name)
@@ -141,3 +142,22 @@ def test_python_api_caches_samples_and_probes_without_a_command(tmp_path, monkey
     assert res["store"]["summary"]["class_accuracy"] == pytest.approx(res["vae"]["summary"]["class_accuracy"])
 
     assert _cli_modules() == []
+
+
+def test_readme_layout_matches_the_tree():
+    """Every package and every library module is named in the README's Layout section, and nothing else."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    pkg = root / "src" / "sendvae"
+    listed = set(re.findall(r"^  (\w+)/", layout, flags=re.M))
+    dirs = {d.name for d in pkg.iterdir() if d.is_dir() and (d / "__init__.py").exists()}
+    assert dirs <= listed | {"bench"} and listed - {"bench"} <= dirs, (dirs, listed)
+    words = set(re.findall(r"[A-Za-z_]+", layout))
+    for d in dirs - {"commands", "bench"}:
+        for f in (pkg / d).glob("*.py"):
+            if f.stem != "__init__":
+                assert f.stem in words, f"{d}/{f.name} is not in the README's Layout section"

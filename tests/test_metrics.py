@@ -46,6 +46,7 @@ def _assert_stats_close(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_samples_end_to_end(net, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(adm, "frechet_distance", _cheap_fd(calls))

@@ -83,6 +83,7 @@ def test_sample_writes_adm_npz_and_grid(run_dir, tmp_path):
         assert np.abs(z["arr_0"].astype(int) - images).max() <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_skips_parts(run_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(run_dir, one)) == 0

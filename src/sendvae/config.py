@@ -25,9 +25,13 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def option(
@@ -42,7 +46,7 @@ def option(
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
         return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
 
@@ -100,7 +104,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
+def from_dict(cls: type[D], data: dict[str, Any], strict: bool = True) -> D:
     """Plain dict -> nested dataclass ``cls``. Unknown keys are an error when ``strict``."""
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -113,7 +117,7 @@ def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         value = data[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = from_dict(tp, value, strict=strict)
         elif typing.get_origin(tp) is tuple and isinstance(value, list):
             value = tuple(value)
@@ -125,7 +129,7 @@ def format_config(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2)
 
 
-def load_config(cls: type[T], path: str | Path) -> T:
+def load_config(cls: type[D], path: str | Path) -> D:
     """A config saved as JSON (a run's ``config.json``, or the run folder holding it), strictly."""
     path = Path(path)
     if path.is_dir():
@@ -155,7 +159,7 @@ def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, datac
         tp = hints[f.name]
         inner, _ = _unwrap_optional(tp)
         name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             yield from iter_fields(inner, prefix=f"{name}.")
         else:
             yield name, f, tp
@@ -238,7 +242,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
-def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
+def apply_overrides(cfg: D, overrides: dict[str, Any]) -> D:
     """Return a copy of ``cfg`` with dotted-name overrides applied; strings are parsed by field type."""
     cfg = _deepcopy(cfg)
     for dotted, value in overrides.items():
@@ -265,7 +269,7 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     return cfg
 
 
-def _deepcopy(cfg: T) -> T:
+def _deepcopy(cfg: D) -> D:
     return from_dict(type(cfg), dataclasses.asdict(cfg))
 
 

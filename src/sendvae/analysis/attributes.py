@@ -56,7 +56,7 @@ class ProbeData:
     """Images (dataset[indices[i]] is image i) with probe targets and class labels (N,)."""
 
     name: str
-    dataset: torch.utils.data.Dataset
+    dataset: torch.utils.data.Dataset | None  # None: a latent store's labels, without images
     indices: np.ndarray
     tasks: list[ProbeTask]
     classes: np.ndarray
@@ -243,6 +243,8 @@ def load_probe_data(
             f"--data {name} needs --data-path (the folder holding its images and attribute files)"
         )
     root_p = Path(root)
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
     if name == "celeba":
         files, names, attrs = read_celeba_attributes(root_p / "list_attr_celeba.txt")
         paths, labels, class_names = [root_p / "img_align_celeba" / f for f in files], None, ()
@@ -265,9 +267,9 @@ def load_probe_data(
     idx = _subset(len(paths), num_images, seed)
     _check_files([paths[i] for i in idx], name)
     labels = labels if labels is not None else np.zeros(len(paths), np.int64)
-    ds = FileListDataset(paths, labels, resolution)
+    file_ds = FileListDataset(paths, labels, resolution)
     tasks = [ProbeTask("binary attributes", "multilabel", MULTILABEL_GROUP, attrs[idx], names)]
     if class_names:
         tasks.append(ProbeTask("class", "categorical", "class", labels[idx], class_names))
     k = len(class_names) or 1
-    return ProbeData(name, ds, idx, tasks, labels[idx], k, tuple(class_names))
+    return ProbeData(name, file_ds, idx, tasks, labels[idx], k, tuple(class_names))

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..models.vae import AutoencoderKL
 
 PIXELS = "pixels"
 CKNNA_IMAGES = 2000  # CKNNA uses m x m kernels: the first 2000 probe images
@@ -57,9 +61,10 @@ def extract_features(
         if isinstance(source, str):
             f = F.interpolate(x, size=(pixel_size, pixel_size), mode="area")  # (B, 3, s, s)
         else:
+            vae = cast("AutoencoderKL", source)  # a VAE module: encode and normalize_latents
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                z = source.encode(x).mean  # (B, C, h, w)
-            f = source.normalize_latents(z.float())
+                z = vae.encode(x).mean  # (B, C, h, w)
+            f = vae.normalize_latents(z.float())
         out.append(f.flatten(1).float().cpu().numpy())
         if bar is not None:
             bar.update(len(x))

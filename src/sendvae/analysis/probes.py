@@ -228,7 +228,8 @@ def probe_multilabel(
     fitted = np.flatnonzero((rate > 0) & (rate < 1))  # a constant column would drive b to +-inf
     xt = x[tr]
     yt = torch.as_tensor(y[split.train][:, fitted], dtype=x.dtype, device=x.device)
-    best, fit = None, None
+    best: tuple[float, float, np.ndarray] | None = None
+    fit = None
     for c in sorted(grid):  # increasing C (weaker L2): each fit starts from the last one's solution
         p = np.tile(rate, (len(x), 1))  # (N, A): constant columns predict their train rate
         if len(fitted):
@@ -237,6 +238,7 @@ def probe_multilabel(
         val = f1_scores(y[split.val], p[split.val] >= 0.5)[0]
         if best is None or val > best[0]:
             best = (val, c, p)
+    assert best is not None  # the grid is not empty
     _, c, p = best
     micro, macro = f1_scores(y[split.test], p[split.test] >= 0.5)
     return {
@@ -264,13 +266,15 @@ def probe_categorical(
         raise ValueError("a categorical probe needs at least 2 classes among the training images")
     tr, va, te = _index(s, x)
     xt, yt = x[tr], torch.as_tensor(y[s.train], device=x.device)
-    best, fit = None, None
+    best: tuple[float, float, np.ndarray] | None = None
+    fit = None
     for c in sorted(grid):
         fit = fit_logistic(xt, yt, c, int(y.max()) + 1, init=fit)
         pred = lambda rows, f=fit: torch.addmm(f[1], x[rows], f[0]).argmax(1).cpu().numpy()  # noqa: E731
         val = float((pred(va) == y[s.val]).mean())
         if best is None or val > best[0]:
             best = (val, c, pred(te))
+    assert best is not None  # the grid is not empty
     _, c, test_pred = best
     majority = np.bincount(y[s.train]).argmax()
     return {
@@ -303,12 +307,13 @@ def probe_continuous(
         if cache is not None:
             cache[key] = basis
     yt = torch.as_tensor(y[s.train], dtype=x.dtype, device=x.device)[:, None]  # (n, 1)
-    best = None
+    best: tuple[float, float, np.ndarray] | None = None
     for alpha, (w, b) in zip(grid, basis.solve(xt, yt, grid)):
         pred = lambda rows, w=w, b=b: (x[rows] @ w + b)[:, 0].cpu().numpy()  # noqa: E731
         val = r2_score(y[s.val], pred(va))
         if best is None or val > best[0]:
             best = (val, alpha, pred(te))
+    assert best is not None  # the grid is not empty
     _, alpha, test_pred = best
     return {"r2": r2_score(y[s.test], test_pred), "alpha": alpha}
 

@@ -52,7 +52,9 @@ def analyse(
 
     split = make_split(len(feats), seed)
     x = standardize(feats, split.train, device)
-    tasks, groups, cache = {}, {}, {}
+    tasks: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[float]] = {}
+    cache: dict[bytes, Any] = {}
     for t in data.tasks:
         tasks[t.name] = {"kind": t.kind, "group": t.group, **run_probe(t.kind, x, t.target, split, cache)}
         groups.setdefault(t.group, []).append(tasks[t.name][PRIMARY_METRIC[t.kind]])
@@ -282,6 +284,7 @@ def probe_models(
             feats = store_features(src, n)
             bar.update(n)
         else:
+            model: str | torch.nn.Module
             if isinstance(src, torch.nn.Module):
                 model = src.to(device).eval().requires_grad_(False)
             elif src == PIXELS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ def bench_train_sit(
     t = time_fn(step, device, warmup, iters)
     flops = flops_per_image(cfg, training=True)
     peak = measured_matmul_tflops(device)
-    row = {
+    row: dict[str, Any] = {
         "model": model,
         "teacher": teacher,
         "batch": batch,

@@ -57,7 +57,9 @@ def bench_train_vae(
     x8 = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
     x = x8.float() / 127.5 - 1
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    model, teacher, lpips, disc = tr.model, tr.teacher, tr.loss.lpips, tr.disc
+    model, teacher, lpips, disc, opt_d = tr.model, tr.teacher, tr.loss.lpips, tr.disc, tr.opt_d
+    # the sendvae-f16d32 preset trains with all of them
+    assert teacher is not None and lpips is not None and disc is not None and opt_d is not None
 
     def full() -> None:
         tr.train_step(x8)
@@ -101,7 +103,7 @@ def bench_train_vae(
         for p in disc.parameters():
             p.grad = torch.zeros_like(p)
         tr.opt_g.step()
-        tr.opt_d.step()
+        opt_d.step()
 
     reset_peak(device)
     t_full = time_fn(full, device, warmup, iters)

@@ -87,6 +87,7 @@ def resolve_config(
     extra: dict[str, Any] | None = None,
 ) -> Any:
     """Preset or saved config, then aliases, then ``--section.field`` overrides (the most specific wins)."""
+    cfg: Any
     if getattr(args, "config", None):
         try:
             cfg = load_config(cfg_cls, args.config)

@@ -217,10 +217,10 @@ def run(args: argparse.Namespace) -> int:
             )
         for r in rows:
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
+            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
             print(
                 f"{r['model']} batch {r['batch']} teacher {r['teacher']}: {r['img_s']:.1f} img/s, "
-                f"{r['step_ms']:.0f} ms/step, first step {r['first_step_s']:.1f} s, peak {mem}, "
+                f"{r['step_ms']:.0f} ms/step, first step {r['first_step_s']:.1f} s, peak {peak}, "
                 f"{r['tflops']:.1f} TFLOP/s, MFU {mfu} (params {r['params_m']}M, "
                 f"{r['gflop_per_img']:.1f} GFLOP/img fwd+bwd)"
             )

@@ -297,6 +297,7 @@ def evaluate_reconstructions(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.no_grad(), torch.autocast(device.type, enabled=False):
                     acc.update(net(imgs.to(device))["pool"])
             else:
+                assert fx is not None  # made when there is no Inception network
                 acc.update(fx.features(imgs))
     fd = frechet_distance(*acc_fake.finalize(), *acc_real.finalize())
     out = {"vae": str(args.vae), "data": args.data, "n": args.num_images, fd_name: fd, **metrics.result()}

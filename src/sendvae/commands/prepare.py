@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 NAME = "prepare"
 HELP = "decode, ADM-crop and shard images into the prepared format (resumable: run again to continue)"
@@ -54,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_source(args: argparse.Namespace) -> tuple[object, str | None]:
+def build_source(args: argparse.Namespace) -> tuple[str | os.PathLike | Dataset, str | None]:
     """(src for prepare_dataset, source name) from the parsed arguments."""
     if args.data == "imagefolder":
         return args.src, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._training import add_training_arguments, run_training
+from ._training import Aliases, add_training_arguments, run_training
 from ._training import resolve_config as _resolve
 
 NAME = "train-sit"
@@ -12,7 +12,7 @@ HELP = "train a SiT (flow matching + REPA) on a latent store"
 
 DEFAULT_PRESET = "sit-xl2-repa"
 # The reference scripts' options (the short spellings every command shares) -> config keys.
-ALIASES = {
+ALIASES: Aliases = {
     "--output-dir": ("run.output_dir", "folder holding the run folders"),
     "--exp-name": ("run.exp_name", "run folder name (default: the preset name)"),
     "--seed": ("run.seed", "global seed"),

@@ -19,16 +19,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..runtime.checkpoint import atomic_write_json
 from . import latent_store as ls
 from .config import DataConfig
 from .latent_store import LatentStore
+
+if TYPE_CHECKING:
+    from ..models.vae import AutoencoderKL
+    from ..teachers import Teacher
 
 # Test hook: stop the process (os._exit) once this many shards were written in the current run.
 STOP_AFTER_ENV = "SENDVAE_CACHE_STOP_AFTER"
@@ -74,7 +77,7 @@ def dataset_record(data: DataConfig, seed: int = 0) -> tuple[Any, dict[str, Any]
 
 
 def teacher_record(
-    teacher: nn.Module, resolution: int, weights: str | os.PathLike | None = None, random_init: bool = False
+    teacher: Teacher, resolution: int, weights: str | os.PathLike | None = None, random_init: bool = False
 ) -> dict[str, Any]:
     """The manifest's description of a teacher (name, token grid, weights, fingerprint)."""
     gh, gw = teacher.grid_size(resolution)
@@ -95,11 +98,11 @@ def describe_vae_source(spec: str | os.PathLike, seed: int = 0) -> str:
 
 
 def cache_latents(
-    vae: nn.Module,
+    vae: AutoencoderKL,
     data: DataConfig,
     output_dir: str | os.PathLike,
     *,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | None = None,
     teacher_info: dict[str, Any] | None = None,
     seed: int = 0,
     vae_source: str | None = None,
@@ -143,13 +146,13 @@ def _batch_plan(spans: list[tuple[int, int, int]], batch_size: int) -> list[list
 
 
 def encode_dataset(
-    vae: nn.Module,
+    vae: AutoencoderKL,
     dataset: Any,
     out: str | os.PathLike,
     *,
     dataset_info: dict[str, Any],
     vae_source: str,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | None = None,
     teacher_info: dict[str, Any] | None = None,
     shard_size: int | None = None,
     batch_size: int = 64,
@@ -175,7 +178,10 @@ def encode_dataset(
         teacher = teacher.to(device)
     latent_shape = (vae.latent_channels, *vae.latent_grid(res))
     fingerprint = ls.vae_fingerprint(vae)
-    tokens, dim = (teacher_info["tokens"], teacher_info["embed_dim"]) if teacher is not None else (0, 0)
+    tokens, dim = 0, 0
+    if teacher is not None:
+        assert teacher_info is not None  # cache_latents makes it (teacher_record)
+        tokens, dim = teacher_info["tokens"], teacher_info["embed_dim"]
     sizes = ls.bytes_per_image(latent_shape, dtype, tokens, dim)
     n = len(dataset)
     shard_size = int(shard_size or ls.default_shard_size(sizes["total"]))
@@ -189,7 +195,8 @@ def encode_dataset(
     spans = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(num_shards)]
 
     # Rank 0 checks the folder and decides which shards are left; everyone gets the same list.
-    error, pending = None, []
+    error: str | None = None
+    pending: list[int] = []
     if dist.is_main:
         try:
             error, pending = _prepare_folder(root, plan, spans)
@@ -209,6 +216,7 @@ def encode_dataset(
         print(f"  moments: {n} x 2 flips x 2 x {c}x{h}x{w} x {np.dtype(ls.STORE_DTYPES[dtype]).itemsize} B "
               f"= {_size(n * sizes['moments'])} ({sizes['moments']} B/image)")  # fmt: skip
         if teacher is not None:
+            assert teacher_info is not None
             print(f"  teacher tokens ({teacher_info['name']}): {n} x 2 flips x {tokens} tokens x {dim} x 2 B "
                   f"= {_size(n * sizes['features'])} ({sizes['features']} B/image)")  # fmt: skip
         print(f"  total {_size(n * sizes['total'])} ({sizes['total']} B/image)", flush=True)
@@ -242,6 +250,7 @@ def encode_dataset(
             bar.update(b)
             if sum(len(a) for a in buf["labels"]) == stop - start:
                 arrays = {key: np.concatenate(v) if v else None for key, v in buf.items()}
+                assert k is not None and arrays["moments"] is not None and arrays["labels"] is not None
                 ls.write_shard(root, k, start, stop, arrays["moments"], arrays["labels"], arrays["features"])
                 buf = {key: [] for key in buf}
                 written += 1
@@ -263,6 +272,7 @@ def encode_dataset(
     result = broadcast_object(result)
     if isinstance(result, str):
         raise RuntimeError(result)
+    assert result is not None  # rank 0 wrote a manifest or an error
     return result
 
 
@@ -304,12 +314,13 @@ def _prepare_folder(root: Path, plan: dict[str, Any], spans: list) -> tuple[str 
 
 
 def _write_manifest(root: Path, plan: dict[str, Any], spans: list, latent_shape) -> dict[str, Any]:
-    records = [ls.completed_shard(root, k, a, b) for k, a, b in spans]
-    missing = [k for k, rec in zip(range(len(spans)), records) if rec is None]
+    found = [ls.completed_shard(root, k, a, b) for k, a, b in spans]
+    missing = [k for k, rec in zip(range(len(spans)), found) if rec is None]
     if missing:
         raise RuntimeError(
             f"shards {missing[:10]} of {root} are missing after encoding; run the command again"
         )
+    records = [rec for rec in found if rec is not None]  # all of them
     c = latent_shape[0]
     s1, s2, count = np.zeros(c), np.zeros(c), 0
     for rec in records:  # shard order: the same float64 sums for any number of processes

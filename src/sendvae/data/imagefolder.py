@@ -46,9 +46,11 @@ def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
     Images smaller than `resolution` are upsampled by step 2.
     """
     while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.Resampling.BOX)
     scale = resolution / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = img.resize(
+        (round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.Resampling.BICUBIC
+    )
     w, h = img.size
     top, left = (h - resolution) // 2, (w - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
@@ -154,7 +156,8 @@ class _DirWalk:
 
 def _walk_images(folder: Path, extensions: tuple[str, ...], walk: _DirWalk) -> tuple[list[Path], list[Path]]:
     """All files under folder, split into (images by extension, other files)."""
-    images, others = [], []
+    images: list[Path] = []
+    others: list[Path] = []
     for path in walk.files(folder):
         (images if _is_image(path.name, extensions) else others).append(path)
     return images, others

@@ -130,9 +130,10 @@ def write_shard(
     """Write shard k (source items [start, stop)) and, last, its record; returns the record."""
     stem = shard_stem(k)
     files = {"moments": f"{stem}.moments.npy", "labels": f"{stem}.labels.npy"}
+    arrays = {"moments": moments, "labels": labels.astype(np.int64)}
     if features is not None:
         files["features"] = f"{stem}.features.npy"
-    arrays = {"moments": moments, "labels": labels.astype(np.int64), "features": features}
+        arrays["features"] = features
     sizes = {key: _save_npy(root / name, arrays[key]) for key, name in files.items()}
     s1, s2, count = moment_sums(moments)
     record = dict(
@@ -343,8 +344,3 @@ class LatentStore(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}
-
-
-def open_store(root: str | os.PathLike, with_features: bool = False) -> LatentStore:
-    """Open a latent store written by `sendvae cache-latents`."""
-    return LatentStore(root, with_features=with_features)

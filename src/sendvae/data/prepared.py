@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +155,15 @@ def _init_worker(source: FolderSource | DatasetSource | None, pool_worker: bool 
 
 def _write_shard(task: tuple[str, int, int, int]) -> dict[str, Any]:
     """Load items [start, stop) of the worker's source and write shard k; returns its record."""
-    out, k, start, stop = task
-    out, src, res = Path(out), _SOURCE, _SOURCE.resolution
+    folder, k, start, stop = task
+    assert _SOURCE is not None  # set by _init_worker
+    out, src, res = Path(folder), _SOURCE, _SOURCE.resolution
     images = np.empty((stop - start, 3, res, res), dtype=np.uint8)  # (N, 3, H, W)
-    labels, converted, skipped, details, upsampled = [], Counter(), {}, {}, 0
+    labels: list[int] = []
+    converted: Counter[str] = Counter()
+    skipped: dict[str, list[str]] = {}
+    details: dict[str, str] = {}
+    upsampled = 0
     for i in range(start, stop):
         arr, label, name, note, up = src.load(i)
         if arr is None:
@@ -294,6 +300,7 @@ def prepare_dataset(
     bar = tqdm(total=n, initial=sum(b - a for k, a, b in spans if k in records), unit="img",
                desc="prepare", disable=not progress, smoothing=0.05)  # fmt: skip
     pool = None
+    results: Iterator[dict[str, Any]]
     try:
         if num_workers > 1:
             pool = mp.get_context().Pool(num_workers, initializer=_init_worker, initargs=(source,))

@@ -48,6 +48,7 @@ class StepBatchSampler(Sampler[list[int]]):
             else:
                 self._perm = torch.arange(self.n)
             self._perm_epoch = epoch
+        assert self._perm is not None  # set with _perm_epoch
         return self._perm
 
     def global_indices(self, step: int) -> list[int]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -101,8 +102,8 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         self.shapes = tuple(self.shapes)
-        self.size_range = tuple(self.size_range)
-        self.second_size_range = tuple(self.second_size_range)
+        self.size_range = cast("tuple[float, float]", tuple(self.size_range))  # lists from JSON
+        self.second_size_range = cast("tuple[float, float]", tuple(self.second_size_range))
         if not 32 <= self.resolution <= 256:
             raise ValueError(f"ShapesConfig.resolution must be in [32, 256], got {self.resolution}")
         if self.length < 1:

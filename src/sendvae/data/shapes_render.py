@@ -320,6 +320,7 @@ def render_batch(
         under += cov[:, None] * (fill - under)  # alpha blend
         img[ids, :, rows, cols] = under
         if with_maps:
+            assert mask is not None and depth is not None
             hit = cov >= 0.5
             mask[ids, rows, cols] = np.where(hit, np.uint8(layer["label"]), mask[ids, rows, cols])
             depth[ids, rows, cols] = np.where(hit, np.float32(layer["depth"]), depth[ids, rows, cols])

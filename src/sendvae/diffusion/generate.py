@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
 from .sampling import SamplerConfig, sample
 from .sit_source import LoadedSiT, load_sit_source, load_vae_and_stats
+
+if TYPE_CHECKING:
+    from ..models.vae import AutoencoderKL
 
 # -- labels, names and parts ---------------------------------------------------------------------------------
 
@@ -49,7 +52,8 @@ def output_name(model_name: str, cfg: SamplerConfig, seed: int, n: int, labels: 
 
 
 def _write_part(path: Path, **arrays: np.ndarray) -> None:
-    ckpt.atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    # numpy's stubs match **arrays against savez's keyword allow_pickle: bool
+    ckpt.atomic_write_bytes(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def _done_indices(parts: Path) -> set[int]:
@@ -62,7 +66,8 @@ def _done_indices(parts: Path) -> set[int]:
 
 def merge_parts(parts: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """All parts -> (images (n, H, W, 3) uint8, labels (n,)); every index must be present."""
-    images = labels = None
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
     seen = np.zeros(n, dtype=bool)
     for f in sorted(parts.glob("part-*.npz")):
         with np.load(f) as z:
@@ -70,12 +75,14 @@ def merge_parts(parts: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
             if images is None:
                 images = np.zeros((n, *z["images"].shape[1:]), dtype=np.uint8)
                 labels = np.zeros(n, dtype=np.int64)
+            assert labels is not None  # made with images
             images[idx], labels[idx], seen[idx] = z["images"], z["labels"], True
     missing = np.flatnonzero(~seen)
     if len(missing):
         raise RuntimeError(
             f"{len(missing)} samples missing from {parts} (e.g. {missing[:10].tolist()}); run again"
         )
+    assert images is not None and labels is not None  # n >= 1 and no index missing: some part was read
     return images, labels
 
 
@@ -97,7 +104,7 @@ def generate(
     sampler_cfg: SamplerConfig,
     output_dir: str | os.PathLike = "samples",
     *,
-    vae: str | nn.Module | None = None,
+    vae: str | AutoencoderKL | None = None,
     vae_config: str | None = None,
     latent_stats: str | LatentStats | None = None,
     train_steps: int | None = None,
@@ -132,7 +139,7 @@ def generate(
     dist = dist or DistInfo(0, 1, 0, resolve_device(str(device)))
     sit = sit_source
     if not isinstance(sit, LoadedSiT):
-        sit = load_sit_source(sit_source, train_steps, weights)
+        sit = load_sit_source(sit, train_steps, weights)
     model = sit.model.to(dist.device).eval().requires_grad_(False)
     vae_module, stats = load_vae_and_stats(sit, vae, vae_config, latent_stats)
     vae_module = vae_module.to(dist.device)
@@ -156,7 +163,7 @@ def generate(
         "sampler": dataclasses.asdict(sampler_cfg), "seed": seed, "num_samples": n,
         "label_sampling": label_sampling,
     }  # fmt: skip
-    error = None
+    error: str | None = None
     if dist.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         ckpt.sweep_temp_files(out, parts)  # leftovers of a killed write

@@ -20,14 +20,18 @@ the same whatever the batch size, the batch it lands in or the process that make
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import option
+
+if TYPE_CHECKING:
+    from ..models.sit import SiT
 
 # SDE noise is drawn per image in blocks of this many steps (fewer generator calls); part of the definition
 # of an image's noise stream, so changing it changes SDE samples.
@@ -66,7 +70,7 @@ class SamplerConfig:
 
 
 def guided_velocity(
-    model: nn.Module,
+    model: Callable[..., torch.Tensor],
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
@@ -119,6 +123,7 @@ class ImageNoise:
         """Noise of SDE step k (0, 1, ... in order): (B, *shape)."""
         if k % NOISE_BLOCK == 0:
             self._block = self._draw(NOISE_BLOCK)
+        assert self._block is not None  # steps come in order from 0
         return self._block[:, k % NOISE_BLOCK]
 
 
@@ -136,7 +141,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _velocity_fn(model: nn.Module, y: torch.Tensor, null_class: int, cfg: SamplerConfig):
+def _velocity_fn(model: Callable[..., torch.Tensor], y: torch.Tensor, null_class: int, cfg: SamplerConfig):
     amp = torch.autocast(y.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
 
     def velocity(x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +194,7 @@ def sde_solve(
 
 @torch.no_grad()
 def sample(
-    model: nn.Module,
+    model: SiT,
     labels: torch.Tensor,
     seeds: Sequence[int],
     config: SamplerConfig | None = None,

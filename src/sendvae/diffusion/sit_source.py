@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,12 +23,16 @@ from torch import nn
 from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
 
+if TYPE_CHECKING:
+    from ..models.sit import SiT
+    from ..models.vae import AutoencoderKL
+
 
 @dataclass
 class LoadedSiT:
     """A SiT and what its source says about how to decode it."""
 
-    model: nn.Module
+    model: SiT
     name: str  # for output file names
     source: str  # the resolved file or folder
     weights: str  # "ema" or "model"
@@ -62,7 +66,7 @@ def trained_stats(cfg: dict[str, Any]) -> LatentStats | None:
     return LatentStats(tuple(lat["mean"]), tuple(lat["std"]), lat.get("vae_fingerprint"))
 
 
-def _from_train_state(raw: dict[str, Any], weights: str) -> tuple[nn.Module, dict[str, Any]]:
+def _from_train_state(raw: dict[str, Any], weights: str) -> tuple[SiT, dict[str, Any]]:
     """A SiT from a train-sit checkpoint (keys model, ema, model_config, config) and the run's settings."""
     from ..models.sit import SiT, SiTConfig
 
@@ -124,7 +128,7 @@ def load_sit_source(
 
 
 def resolve_stats(
-    trained: LatentStats | None, given: str | LatentStats | None, vae: nn.Module, source: str
+    trained: LatentStats | None, given: str | LatentStats | None, vae: AutoencoderKL, source: str
 ) -> LatentStats:
     """The statistics to decode with: exactly the ones the SiT was trained with; never a guess.
 
@@ -156,15 +160,16 @@ def resolve_stats(
 
 def load_vae_and_stats(
     sit: LoadedSiT,
-    vae: str | nn.Module | None = None,
+    vae: str | AutoencoderKL | None = None,
     vae_config: str | None = None,
     latent_stats: str | LatentStats | None = None,
-) -> tuple[nn.Module, LatentStats]:
+) -> tuple[AutoencoderKL, LatentStats]:
     """(VAE, LatentStats) to decode `sit`'s samples; the VAE is checked against the latents' fingerprint
     when it is known. `vae` defaults to the one the run names."""
     from ..data.latent_store import vae_fingerprint
     from ..models.vae_io import load_vae
 
+    vae_src: str | None
     if isinstance(vae, nn.Module):
         vae_src = "the given VAE module"
         vae = vae.eval().requires_grad_(False)

@@ -12,10 +12,11 @@ stays on the device: no `.item()` or other host syncs, so the step can run async
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import nn
 
 from ..losses.align import mean_token_cosine
 
@@ -115,7 +116,7 @@ def repa_loss(
 
 
 def training_losses(
-    model: nn.Module,
+    model: Callable[..., Any],
     x: torch.Tensor,
     y: torch.Tensor,
     teacher_tokens: list[torch.Tensor] | torch.Tensor | None = None,

@@ -56,6 +56,10 @@ class LeCamEMA(nn.Module):
     keeps its own EMAs of its local batch; under DDP they differ only by batch noise.
     """
 
+    ema_real: torch.Tensor
+    ema_fake: torch.Tensor
+    num_updates: torch.Tensor
+
     def __init__(self, decay: float = 0.999):
         super().__init__()
         if not 0.0 <= decay < 1.0:

@@ -30,6 +30,7 @@ import importlib.util
 import itertools
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,8 @@ class BlurDownsample(nn.Module):
     Output size floor((H + 1) / 2) + 1 (the extra padding is ST-LPIPS's "pad more" choice).
     """
 
+    kernel: torch.Tensor  # buffer (C, 1, 3, 3)
+
     def __init__(self, channels: int):
         super().__init__()
         taps = torch.tensor([1.0, 2.0, 1.0])
@@ -84,6 +87,7 @@ def _vgg16_layers(shift_tolerant: bool) -> tuple[list[nn.Module], tuple[int, ...
             else:
                 layers.append(nn.MaxPool2d(2, stride=2))
         else:
+            assert isinstance(v, int)
             layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
             c_in = v
     taps.append(len(layers) - 1)
@@ -200,6 +204,9 @@ class LPIPS(nn.Module):
     Weights: see build_lpips; pretrained=False gives random weights, for tests only.
     """
 
+    shift: torch.Tensor  # buffers (1, 3, 1, 1)
+    scale: torch.Tensor
+
     def __init__(
         self,
         variant: str = "stlpips",
@@ -226,7 +233,7 @@ class LPIPS(nn.Module):
             self._load_weights(weights, trunk_weights)
         else:  # random trunk, non-negative random heads (a distance that is still >= 0); for tests
             for lin in self.lins:
-                lin.weight.data.abs_()
+                cast(nn.Conv2d, lin).weight.data.abs_()
         self.requires_grad_(False)
         self.eval()
 
@@ -250,6 +257,7 @@ class LPIPS(nn.Module):
                 )
             trunk_weights = trunk_weights if trunk_weights is not None else found_trunk
             weights = weights if weights is not None else found_lins
+            assert trunk_weights is not None and weights is not None  # both checked just above
             trunk = _remap(_load_file(trunk_weights, "trunk"))
             lins = _remap(_load_file(weights, "LPIPS lin"))
             trunk = {k: v for k, v in trunk.items() if k.startswith("features.")}
@@ -303,7 +311,7 @@ class LPIPS(nn.Module):
                 hy = self._trunk(hy, start, tap + 1)
                 fy = _unit_channels(hy)  # (B, C, h, w)
             diff = (_unit_channels(hx) - fy).square().mean((2, 3))  # (B, C): spatial mean before the head
-            dist = dist + (diff * lin.weight.view(1, -1).float()).sum(1)
+            dist = dist + (diff * cast(nn.Conv2d, lin).weight.view(1, -1).float()).sum(1)
             start = tap + 1
         return dist
 

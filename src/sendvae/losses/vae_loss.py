@@ -98,6 +98,7 @@ class VAELoss(nn.Module):
         total = nll + c.kl_weight * kl
 
         if self.alignment is not None and pred is not None and target is not None:
+            assert self.alignment.loss is not None  # __init__ keeps only a variant with a loss
             align, parts = self.alignment.loss(AlignInputs(pred, target), c)
             weight = c.align_weight
             if self.alignment.adaptive(c) and enc_last is not None and torch.is_grad_enabled():

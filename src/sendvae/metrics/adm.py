@@ -11,6 +11,7 @@ statistics are used when present; the sample statistics are always recomputed fr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -93,14 +94,21 @@ def save_batch(path: str | Path, batch: dict[str, np.ndarray]) -> None:
         validate_images(batch["arr_0"])
     validate_statistics(batch, str(path))
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **batch)
+    np.savez(tmp, **batch)  # type: ignore[arg-type]  # numpy's stubs: **batch vs allow_pickle: bool
     tmp.replace(path)
 
 
+class Activations(TypedDict):
+    """What `compute_activations` returns."""
+
+    pool: np.ndarray
+    logits: np.ndarray
+    stats: tuple[np.ndarray, np.ndarray]
+    stats_s: tuple[np.ndarray, np.ndarray]
+
+
 @torch.no_grad()
-def compute_activations(
-    images: np.ndarray, net: FIDInceptionV3, batch_size: int = 100
-) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+def compute_activations(images: np.ndarray, net: FIDInceptionV3, batch_size: int = 100) -> Activations:
     """One pass of the network over uint8 (N, H, W, 3) images.
 
     Returns pool (N, 2048) float32 features, logits (N, 1008) float32, and the float64 statistics
@@ -187,8 +195,12 @@ def evaluate_samples(
     ref_acts = None
     if "arr_0" in ref:
         ref_acts = compute_activations(ref["arr_0"], net, batch_size)
-    ref_stats = (ref["mu"], ref["sigma"]) if "mu" in ref else ref_acts["stats"]
-    ref_stats_s = (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else ref_acts["stats_s"]
+    if "mu" in ref and "mu_s" in ref:
+        ref_stats, ref_stats_s = (ref["mu"], ref["sigma"]), (ref["mu_s"], ref["sigma_s"])
+    else:
+        assert ref_acts is not None  # load_batch: a batch without all the statistics has images
+        ref_stats = (ref["mu"], ref["sigma"]) if "mu" in ref else ref_acts["stats"]
+        ref_stats_s = (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else ref_acts["stats_s"]
 
     precision = recall = None
     if ref_acts is not None:

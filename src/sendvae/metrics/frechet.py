@@ -98,6 +98,7 @@ class StatsAccumulator:
         if self._mean is None:
             self.n, self._mean, self._scatter = nb, mb, scatter_b
             return
+        assert self._scatter is not None  # set together with the mean
         mb, scatter_b = mb.to(self._mean.device), scatter_b.to(self._mean.device)
         delta = mb - self._mean
         total = self.n + nb
@@ -109,6 +110,7 @@ class StatsAccumulator:
         """(mu (D,), sigma (D, D)) as float64 numpy arrays; sigma uses N - 1 like np.cov."""
         if self._mean is None or self.n < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.n}")
+        assert self._scatter is not None  # set together with the mean
         return self._mean.cpu().numpy(), (self._scatter / (self.n - 1)).cpu().numpy()
 
 

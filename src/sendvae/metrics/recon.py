@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from sendvae.data.transforms import to_float, to_uint8
+
+if TYPE_CHECKING:
+    from sendvae.models.vae import AutoencoderKL
 
 PSNR_MAX = 100.0  # dB, the score of a perfect reconstruction
 SSIM_SIGMA = 1.5
@@ -115,7 +119,7 @@ class ReconMetrics:
 
 @torch.no_grad()
 def reconstruct(
-    vae: torch.nn.Module,
+    vae: AutoencoderKL,
     dataset,
     n: int,
     batch_size: int = 32,

@@ -25,6 +25,8 @@ class ActNorm(nn.Module):
     Parameter names (`loc`, `scale`, buffer `initialized`) follow taming's ActNorm.
     """
 
+    initialized: torch.Tensor  # buffer, uint8 scalar
+
     def __init__(self, num_features: int):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))

@@ -113,4 +113,5 @@ def init_vit_weights(model: nn.Module, patch_embed: nn.Conv2d) -> None:
             nn.init.zeros_(m.bias)
     w = patch_embed.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    assert patch_embed.bias is not None
     nn.init.zeros_(patch_embed.bias)

@@ -137,6 +137,10 @@ class LatentNorm(nn.Module):
     'none': identity (cast to fp32).
     """
 
+    running_mean: torch.Tensor  # buffers (C,), and a bool scalar
+    running_var: torch.Tensor
+    stats_set: torch.Tensor
+
     def __init__(self, channels: int, mode: str = "running", momentum: float = 0.1, eps: float = 1e-4):
         super().__init__()
         if mode not in LATENT_NORMS:

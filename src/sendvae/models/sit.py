@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -220,6 +220,8 @@ class TimestepEmbedder(nn.Module):
     t is used as given (in [0, 1] for the flow-matching SiT; no x1000 rescaling, as in REPA).
     """
 
+    freqs: torch.Tensor  # buffer (128,)
+
     def __init__(self, hidden: int):
         super().__init__()
         self.mlp = mlp((FREQ_DIM, hidden, hidden), nn.SiLU)
@@ -296,6 +298,8 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     """Velocity model v(x_t, t, y) on latents (B, C, H, W); optionally REPA's projected tokens."""
 
+    pos_embed: torch.Tensor  # buffer (1, N, D)
+
     def __init__(self, config: SiTConfig | None = None, grad_checkpointing: bool = False):
         super().__init__()
         cfg = self.config = config or SiTConfig()
@@ -316,12 +320,13 @@ class SiT(nn.Module):
         """DiT's init: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers (adaLN-Zero)."""
         init_vit_weights(self, self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[2]).weight, std=0.02)
+        for layer in [cast(SiTBlock, b).adaLN_modulation[-1] for b in self.blocks] + [
             self.final_layer.adaLN_modulation[-1],
             self.final_layer.linear,
         ]:
+            layer = cast(nn.Linear, layer)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -348,7 +353,7 @@ class SiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         return h, self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
 
-    def _block(self, block: SiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _block(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)

@@ -149,8 +149,8 @@ def _resolve(config: str | None, inferred: SiTConfig) -> SiTConfig:
         return inferred
     if config not in SIT_MODELS:
         raise ValueError(f"unknown SiT model {config!r}; choices: {sorted(SIT_MODELS)}")
-    keep = ("input_size", "in_channels", "num_classes", "learn_sigma", "qk_norm", "qk_norm_type")
-    keep += ("projector_dim", "z_dims", "class_dropout_prob", "time_convention")
+    keep: tuple[str, ...] = ("input_size", "in_channels", "num_classes", "learn_sigma", "qk_norm")
+    keep += ("qk_norm_type", "projector_dim", "z_dims", "class_dropout_prob", "time_convention")
     return SIT_MODELS[config](**{k: getattr(inferred, k) for k in keep})
 
 
@@ -175,6 +175,7 @@ def load_sit(
     if not path.exists():
         raise FileNotFoundError(f"no SiT checkpoint or export folder at {path}")
     folder = path if path.is_dir() else path.parent
+    stored: SiTConfig | None
     if path.is_dir() or (path.name == WEIGHTS_FILE and (folder / CONFIG_FILE).exists()):
         sd, stored, args, where = _read_export(folder)
     else:

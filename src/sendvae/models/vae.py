@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +217,7 @@ class _Stack(nn.Module):
     """Shared forward helper: optional activation checkpointing around each block."""
 
     gradient_checkpointing: bool = False
+    mid: nn.Module  # block_1, attn_1, block_2 (`_mid_block`)
 
     def _run(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -225,7 +226,7 @@ class _Stack(nn.Module):
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
         for m in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
-            h = self._run(m, h)
+            h = self._run(cast(nn.Module, m), h)
         return h
 
 
@@ -258,12 +259,13 @@ class Encoder(_Stack):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
+            blocks, attns = cast(nn.ModuleList, level.block), cast(nn.ModuleList, level.attn)
+            for j, block in enumerate(blocks):
                 h = self._run(block, h)
-                if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                if len(attns):
+                    h = self._run(attns[j], h)
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
+                h = cast(nn.Module, level.downsample)(h)
         h = self._mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -298,17 +300,21 @@ class Decoder(_Stack):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self._mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
+            blocks, attns = cast(nn.ModuleList, level.block), cast(nn.ModuleList, level.attn)
+            for j, block in enumerate(blocks):
                 h = self._run(block, h)
-                if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                if len(attns):
+                    h = self._run(attns[j], h)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
+                h = cast(nn.Module, level.upsample)(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder: images in [-1, 1] (B, 3, H, W) <-> latents (B, embed_dim, H/f, W/f)."""
+
+    latent_mean: torch.Tensor  # buffers (embed_dim,)
+    latent_std: torch.Tensor
 
     def __init__(self, config: VAEConfig):
         super().__init__()

@@ -30,7 +30,7 @@ class _ConsoleHandler(logging.StreamHandler):
         super().__init__()
         self.to_stderr = to_stderr
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr if self.to_stderr else sys.stdout
 
@@ -114,6 +114,7 @@ class RunLogger:
         """Drop the stats.jsonl rows after ``step`` (a resumed run replays those steps)."""
         if not self._stats:
             return
+        assert self.run_dir is not None  # stats.jsonl is only open inside a run folder
         path = self.run_dir / "stats.jsonl"
         self._stats.close()
         rows = [r for r in read_stats(path) if int(r.get("step", 0)) <= step]

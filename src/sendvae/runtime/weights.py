@@ -18,6 +18,7 @@ this module.
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -33,7 +34,7 @@ class WeightsError(ValueError):
 
 
 def read_weights(
-    path: str | Path, what: str = "weights", *, trust_pickle: bool = False, map_location: Any = "cpu"
+    path: str | os.PathLike, what: str = "weights", *, trust_pickle: bool = False, map_location: Any = "cpu"
 ) -> Any:
     """The contents of a weights file (usually a dict of tensors), read without running code from it.
 

@@ -9,6 +9,7 @@ allow_download=True. `efficientnet-lite0` is the embedded default whose weights 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +20,10 @@ from .vit import VIT_TEACHERS, build_vit_teacher
 TEACHERS: dict[str, TeacherSpec] = {**VIT_TEACHERS, **EFFICIENTNET_TEACHERS}
 DEFAULT_TEACHER = "efficientnet-lite0"
 
-_BUILDERS = {"vit": build_vit_teacher, "efficientnet": build_efficientnet_teacher}
+_BUILDERS: dict[str, Callable[..., Teacher]] = {
+    "vit": build_vit_teacher,
+    "efficientnet": build_efficientnet_teacher,
+}
 
 
 def build_teacher(

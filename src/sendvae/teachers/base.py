@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,11 @@ def teacher_input_hw(
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
     if not scale_input:
         h = w = 256
-    return tuple(max(1, round(s * input_size / 256 / patch_size)) * patch_size for s in (h, w))
+    ih, iw = (max(1, round(s * input_size / 256 / patch_size)) * patch_size for s in (h, w))
+    return ih, iw
+
+
+TeacherT = TypeVar("TeacherT", bound="Teacher")
 
 
 class Teacher(nn.Module):
@@ -105,6 +110,8 @@ class Teacher(nn.Module):
     """
 
     is_embedded = False  # True only for the teacher whose weights ship with the installed packages
+    mean: torch.Tensor  # buffers (1, 3, 1, 1)
+    std: torch.Tensor
 
     def __init__(self, spec: TeacherSpec, embed_dim: int, input_size: int, scale_input: bool) -> None:
         super().__init__()
@@ -149,7 +156,7 @@ class Teacher(nn.Module):
         """Teachers stay in eval mode (frozen BatchNorm statistics, no dropout)."""
         return super().train(False)
 
-    def freeze(self) -> Teacher:
+    def freeze(self: TeacherT) -> TeacherT:
         super().train(False)
         self.requires_grad_(False)
         return self
@@ -168,7 +175,8 @@ def resample_tokens(
     otherwise the (B, D, gh, gw) map is interpolated bilinearly (align_corners=False). Equal grids
     return the input unchanged.
     """
-    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
+    # tuples (callers may pass lists)
+    src_grid, dst_grid = cast("tuple[int, int]", tuple(src_grid)), cast("tuple[int, int]", tuple(dst_grid))
     b, n, d = tokens.shape
     if n != src_grid[0] * src_grid[1]:
         raise ValueError(f"{n} tokens do not form a {src_grid[0]}x{src_grid[1]} grid")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import timm
 import torch
@@ -34,6 +35,9 @@ from .base import (
     read_state_dict,
     strip_prefix,
 )
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 # feature name -> (timm block stages run, channels, total stride); "head" adds conv_head + BN + ReLU6
 EFFICIENTNET_FEATURES: dict[str, tuple[int, int, int]] = {
@@ -74,14 +78,14 @@ def embedded_weights_path() -> Path | None:
 
 
 def convert_lukemelas_efficientnet(
-    state: dict[str, torch.Tensor], model: nn.Module
+    state: dict[str, torch.Tensor], model: EfficientNet
 ) -> dict[str, torch.Tensor]:
     """lukemelas EfficientNet-PyTorch names (`_blocks.<i>._expand_conv`, ...) -> timm names.
 
     The flat block index i becomes (stage, index) from timm's stage depths. Blocks without an
     expansion conv (expand ratio 1) are timm DepthwiseSeparableConv, the others InvertedResidual.
     """
-    depths = [len(stage) for stage in model.blocks]
+    depths = [len(cast(nn.Sequential, stage)) for stage in model.blocks]
     where = [(s, j) for s, d in enumerate(depths) for j in range(d)]
     separable = {"depthwise_conv": "conv_dw", "bn1": "bn1", "project_conv": "conv_pw", "bn2": "bn2"}
     inverted = {"expand_conv": "conv_pw", "bn0": "bn1", "depthwise_conv": "conv_dw", "bn1": "bn2",
@@ -108,7 +112,9 @@ class EfficientNetTeacher(Teacher):
 
     is_embedded = True
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, feature: str, input_size: int, scale_input: bool):
+    def __init__(
+        self, spec: TeacherSpec, model: EfficientNet, feature: str, input_size: int, scale_input: bool
+    ):
         stages, channels, stride = EFFICIENTNET_FEATURES[feature]
         super().__init__(spec, channels, input_size, scale_input)
         self.model = model  # the whole classifier, so its logits can be checked against the original
@@ -151,7 +157,7 @@ def build_efficientnet_teacher(
     if feature not in EFFICIENTNET_FEATURES:
         choices = ", ".join(EFFICIENTNET_FEATURES)
         raise ValueError(f"unknown EfficientNet feature '{feature}'; choose from: {choices}")
-    model = timm.create_model(spec.timm_name, pretrained=False, **(model_kwargs or {}))
+    model = cast("EfficientNet", timm.create_model(spec.timm_name, pretrained=False, **(model_kwargs or {})))
     if not random_init:
         if weights is None:
             weights = embedded_weights_path()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -178,7 +179,13 @@ VIT_TEACHERS: dict[str, TeacherSpec] = {
 class ViTTeacher(Teacher):
     """A timm ViT returning its final-norm patch tokens, as DINOv2's x_norm_patchtokens."""
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, input_size: int, scale_input: bool) -> None:
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        model: vision_transformer.VisionTransformer | eva.Eva,
+        input_size: int,
+        scale_input: bool,
+    ) -> None:
         super().__init__(spec, model.embed_dim, input_size, scale_input)
         self.model = model
         self.patch_size = model.patch_embed.patch_size[0]
@@ -196,7 +203,7 @@ class ViTTeacher(Teacher):
 # timm's converter for each model family: official release names -> timm names (OpenAI CLIP's tower,
 # DINOv2's register_tokens / cls position / SwiGLU w12-w3, DINOv3's storage_tokens / lsN.gamma / split q-v
 # bias), pretraining-only tensors dropped, absolute position embeddings resampled to the model's grid.
-StateFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+StateFilter = Callable[..., dict[str, torch.Tensor]]  # (state, model) -> state
 _TIMM_FILTERS: tuple[tuple[type, StateFilter], ...] = (
     (vision_transformer.VisionTransformer, vision_transformer.checkpoint_filter_fn),
     (eva.Eva, eva.checkpoint_filter_fn),
@@ -231,9 +238,10 @@ def _check_dinov3_qkv_bias(state: dict[str, torch.Tensor], model: nn.Module) -> 
         if key.endswith("attn.qkv.bias") and key.replace("qkv.bias", "q_bias") not in own:
             q, _, vb = v.chunk(3)
             if q.abs().max() > 0 or vb.abs().max() > 0:
+                arch = cast("dict[str, Any]", model.default_cfg).get("architecture", "")  # set by timm
                 raise TeacherWeightsError(
                     f"'{key}' holds a non-zero q/v bias but {type(model).__name__} has none; build the "
-                    f"'_qkvb' variant, e.g. timm_name='{model.default_cfg.get('architecture', '')}_qkvb'"
+                    f"'_qkvb' variant, e.g. timm_name='{arch}_qkvb'"
                 )
             continue
         out[key] = v
@@ -274,12 +282,14 @@ def _is_vision_transformer(timm_name: str) -> bool:
 
 def _download(spec: TeacherSpec) -> Path:
     """Fetch the timm weights of `spec` (only with allow_download=True)."""
+    assert spec.hub_name is not None  # every ViT spec names a timm tag
     cfg = timm.models.get_pretrained_cfg(spec.hub_name)
     if cfg is not None and cfg.hf_hub_id:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(cfg.hf_hub_id, "model.safetensors"))
     if cfg is not None and cfg.url:
+        assert isinstance(cfg.url, str)  # timm's ViT configs give one URL
         dst = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +315,7 @@ def build_vit_teacher(
     path = find_weight_file(weights, spec) if weights is not None else None
     input_size = input_size or spec.input_size
     patch = (model_kwargs or {}).get("patch_size", spec.patch_size)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         num_classes=0,
         global_pool="",  # no pooling head (SigLIP's attention pool): only the tokens are used
         img_size=teacher_input_hw(resolution, input_size, patch),
@@ -319,4 +329,5 @@ def build_vit_teacher(
     if path is not None or not random_init:
         path = path or _download(spec)
         load_checked(model, to_timm_state(read_state_dict(path, trust_pickle), model), spec, path)
-    return ViTTeacher(spec, model, input_size, scale_input=spec.scale_input).freeze()
+    vit = cast("vision_transformer.VisionTransformer | eva.Eva", model)  # the ViT families of TEACHERS
+    return ViTTeacher(spec, vit, input_size, scale_input=spec.scale_input).freeze()

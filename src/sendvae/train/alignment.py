@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
@@ -48,15 +48,17 @@ from .export import export_mapper
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
+    from ..teachers import Teacher
     from .vae_config import LossConfig, TrainVAEConfig
 
 # What a head consumes (``Alignment.head_input``).
 NOISY_LATENT = "noisy latent"  # z_t = (1 - t) z_hat + t eps in training, the clean latent in eval
 CLEAN_LATENT = "clean latent"  # z itself (or its per-channel normalisation), in training and eval
 
-HeadBuilder = Callable[["TrainVAEConfig", "AutoencoderKL", nn.Module, object], nn.Module]
+HeadBuilder = Callable[["TrainVAEConfig", "AutoencoderKL", "Teacher", object], nn.Module]
 AlignLoss = Callable[[AlignInputs, "LossConfig"], LossAndLogs]
-HeadExporter = Callable[[nn.Module, Path, "TrainVAEConfig", "AutoencoderKL", nn.Module], None]
+# the first argument is the head the entry's own build_head made (a Mapper for sendvae / repa)
+HeadExporter = Callable[[Any, Path, "TrainVAEConfig", "AutoencoderKL", "Teacher"], None]
 
 
 def _never(_cfg: object) -> bool:
@@ -105,13 +107,13 @@ def _mapper_head(**overrides) -> HeadBuilder:
     the first step; they stay fixed for the run and travel in its checkpoints.
     """
 
-    def build(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module, logger=None) -> nn.Module:
+    def build(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, logger=None) -> nn.Module:
         # not at the top: builders imports vae_config, which imports this module
         from .builders import _device_of, initial_latent_stats
 
         res = cfg.data.resolution
         mcfg = replace(cfg.mapper, **overrides)
-        latent_grid, teacher_grid = tuple(vae.latent_grid(res)), tuple(teacher.grid_size(res))
+        latent_grid, teacher_grid = vae.latent_grid(res), teacher.grid_size(res)
         mapper = Mapper(vae.latent_channels, latent_grid, teacher.embed_dim, teacher_grid, mcfg)
         if mcfg.latent_norm == "fixed":
             mapper.set_latent_stats(*initial_latent_stats(cfg, vae, _device_of(teacher), logger))
@@ -120,9 +122,9 @@ def _mapper_head(**overrides) -> HeadBuilder:
     return build
 
 
-def _vf_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module, logger=None) -> nn.Module:
+def _vf_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, logger=None) -> nn.Module:
     res = cfg.data.resolution
-    latent_grid, teacher_grid = tuple(vae.latent_grid(res)), tuple(teacher.grid_size(res))
+    latent_grid, teacher_grid = vae.latent_grid(res), teacher.grid_size(res)
     if latent_grid != teacher_grid:
         raise ValueError(
             f"the VF loss compares latent tokens {latent_grid} with teacher tokens "
@@ -133,7 +135,7 @@ def _vf_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module, logger
 
 
 def _mapper_grid(head: nn.Module) -> tuple[int, int]:
-    return tuple(head.token_grid)
+    return cast(Mapper, head).token_grid  # a tuple already
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
 from .alignment import alignment_for, head_summary
 from .vae_config import TrainVAEConfig
+
+if TYPE_CHECKING:
+    from ..teachers import Teacher
 
 
 def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
@@ -48,7 +52,7 @@ def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
     return vae
 
 
-def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> nn.Module:
+def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> Teacher:
     from ..teachers import build_teacher
 
     t = cfg.teacher
@@ -104,7 +108,7 @@ def initial_latent_stats(
 
 
 def build_head(
-    cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module | None, logger=None
+    cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher | None, logger=None
 ) -> nn.Module | None:
     """The alignment head of ``--loss.align``, built by its registry entry (train/alignment.py), or None.
 

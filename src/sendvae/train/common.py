@@ -88,7 +88,8 @@ def optimizer_step(
     found_inf = (~torch.isfinite(norm)).float()
     if skip is not None:
         found_inf = torch.maximum(found_inf, skip)
-    opt.grad_scale, opt.found_inf = None, found_inf  # read by the fused AdamW kernel
+    # read by the fused AdamW kernel; not attributes Optimizer declares
+    opt.grad_scale, opt.found_inf = None, found_inf  # type: ignore[attr-defined]
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm.detach(), found_inf
@@ -100,9 +101,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, found_inf: torch.
     w = torch.as_tensor(1.0 - decay, device=next(ema.parameters()).device)
     if found_inf is not None:
         w = w * (1.0 - found_inf)
-    ema_p = list(ema.parameters())
+    ema_p: list[torch.Tensor] = list(ema.parameters())
     model_p = [p.detach().to(e.dtype) for e, p in zip(ema_p, model.parameters())]
-    torch._foreach_lerp_(ema_p, model_p, w)  # one fused launch for all tensors; w stays on the device
+    # one fused launch for all tensors; w stays on the device (a 0-dim tensor weight: not in torch's stubs)
+    torch._foreach_lerp_(ema_p, model_p, w)  # type: ignore[call-overload]
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
 

@@ -21,6 +21,7 @@ from ..models.vae import AutoencoderKL
 from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 
 if TYPE_CHECKING:
+    from ..teachers import Teacher
     from .vae_config import TrainVAEConfig
 
 
@@ -48,6 +49,7 @@ def latent_statistics(
         s2 = z.pow(2).sum((0, 2, 3)) if s2 is None else s2 + z.pow(2).sum((0, 2, 3))
         count += z.shape[0] * z.shape[2] * z.shape[3]
     vae.train(was)
+    assert s1 is not None and s2 is not None  # at least one image
     mean = s1 / count
     std = (s2 / count - mean**2).clamp_min(1e-12).sqrt()
     return mean.float().cpu(), std.float().cpu()
@@ -59,7 +61,7 @@ def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
 
 
 def export_mapper(
-    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: nn.Module
+    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
 ) -> None:
     """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
     res = cfg.data.resolution

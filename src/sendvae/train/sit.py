@@ -15,6 +15,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
@@ -34,6 +35,9 @@ from .common import BufferGuard, autocast_dtype, ema_update, optimizer_step, set
 from .loop import TrainerBase
 from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
+
+if TYPE_CHECKING:
+    from .sit_fd import ProxyFD
 
 LATENTS_FILE = "latents.json"  # the export's record of the statistics the SiT was trained with
 
@@ -157,7 +161,7 @@ class SiTTrainer(TrainerBase):
             self.vae = self.vae.to(dev).eval().requires_grad_(False)
         if cfg.eval.fd_every and self.vae is None:
             raise ValueError("--eval.fd_every needs the VAE that decodes the latents: pass --vae PATH")
-        self._proxy_fd = None  # built on first use, on the main process
+        self._proxy_fd: ProxyFD | None = None  # built on first use, on the main process
         self.model = build_sit(cfg, self.store, feat[1] if self.repa else None).to(dev)
         self.model_cfg = self.model.config
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -304,6 +308,7 @@ class SiTTrainer(TrainerBase):
 
         e = self.cfg.eval
         if self._proxy_fd is None:
+            assert self.vae is not None  # __init__ requires the VAE when fd_every is set
             self._proxy_fd = ProxyFD(
                 self.store, self.stats, self.vae, e.fd_samples, e.fd_teacher, e.fd_teacher_weights,
                 self.device, seed=self.cfg.run.seed,

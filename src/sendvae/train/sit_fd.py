@@ -12,6 +12,7 @@ It is logged as `FD_<teacher>` in stats.jsonl, never as FID.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from ..metrics.features import FeatureExtractor
 from ..metrics.frechet import frechet_distance
 from ..models.latent_stats import LatentStats
 
+if TYPE_CHECKING:
+    from ..models.vae import AutoencoderKL
+
 
 class ProxyFD:
     """FD_<teacher> between decoded EMA samples and decoded store latents (see the module docstring)."""
@@ -31,7 +35,7 @@ class ProxyFD:
         self,
         store,
         stats: LatentStats,
-        vae: nn.Module,
+        vae: AutoencoderKL,
         num_samples: int,
         teacher: str,
         teacher_weights: str | None,

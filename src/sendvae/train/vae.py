@@ -45,6 +45,7 @@ from .vae_model import SendVAEModel
 
 class VAETrainer(TrainerBase):
     resume_free = FREE_VAE
+    model: SendVAEModel
 
     def __init__(self, cfg: TrainVAEConfig, dist: DistInfo, run_dir: Path, logger: RunLogger):
         super().__init__(cfg, dist, run_dir, logger)
@@ -86,7 +87,7 @@ class VAETrainer(TrainerBase):
 
         self.resume()
 
-        self.ddp_model = self.model
+        self.ddp_model: torch.nn.Module = self.model
         self.ddp_disc = self.disc
         if dist.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
@@ -106,6 +107,7 @@ class VAETrainer(TrainerBase):
             "loss": self.loss.state_dict(),
         }
         if self.disc is not None:
+            assert self.opt_d is not None  # made with the discriminator
             st["disc"] = self.disc.state_dict()
             st["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
@@ -117,6 +119,7 @@ class VAETrainer(TrainerBase):
         self.opt_g.load_state_dict(st["opt_g"])
         self.loss.load_state_dict(st["loss"], strict=False)
         if self.disc is not None and "disc" in st:
+            assert self.opt_d is not None  # made with the discriminator
             self.disc.load_state_dict(st["disc"])
             self.opt_d.load_state_dict(st["opt_d"])
         if self.ema is not None and "ema" in st:
@@ -172,6 +175,7 @@ class VAETrainer(TrainerBase):
 
         # ---- discriminator
         if gan_on:
+            assert self.disc is not None and self.ddp_disc is not None and self.opt_d is not None  # gan_on
             self.disc.requires_grad_(True)
             with amp:
                 d_loss, d_terms = self.loss.discriminator(self.ddp_disc, x, recon)
@@ -184,10 +188,12 @@ class VAETrainer(TrainerBase):
 
     @property
     def teacher_grid(self) -> tuple[int, int]:
-        return tuple(self.teacher.grid_size(self.cfg.data.resolution))
+        assert self.teacher is not None  # only asked when there is a teacher
+        return self.teacher.grid_size(self.cfg.data.resolution)  # a tuple already
 
     def teacher_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher patch tokens (B, N, D) on the alignment head's token grid (resampled if it differs)."""
+        assert self.teacher is not None  # called only with a teacher
         target = self.teacher(x)  # no grad inside
         grid = self.model.token_grid
         if grid is not None and tuple(grid) != self.teacher_grid:

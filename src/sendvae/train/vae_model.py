@@ -10,6 +10,8 @@ noise for the REPA-style direct alignment baseline, VA-VAE's bias-free 1x1 proje
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -30,7 +32,9 @@ class SendVAEModel(nn.Module):
         self.vae = vae
         self.head = head
         self.sample_posterior = sample_posterior
-        self._token_grid = tuple(token_grid) if token_grid is not None else None
+        self._token_grid = cast(
+            "tuple[int, int] | None", tuple(token_grid) if token_grid is not None else None
+        )
 
     def forward(
         self, x: torch.Tensor
