@@ -19,7 +19,7 @@ from sendvae.losses.align import cosine_alignment_loss, vf_loss
 from sendvae.losses.vae_loss import AlignInputs
 from sendvae.runtime import checkpoint as ckpt
 from sendvae.runtime.log import read_stats
-from sendvae.train.alignment import ALIGNMENTS, CLEAN_LATENT, NOISY_LATENT, Alignment
+from sendvae.train.alignment import ALIGNMENTS, CLEAN_LATENT, NOISY_LATENT, Alignment, load_exported_head
 from sendvae.train.vae_config import LossConfig, TrainVAEConfig
 
 from .conftest import tiny_train_args
@@ -66,7 +66,9 @@ def _batch(tr, n: int = 4) -> torch.Tensor:
 
 def test_loss_align_choices_are_the_registry(tmp_path, capsys):
     field = next(f for f in dataclasses.fields(LossConfig) if f.name == "align")
-    assert field.metadata["choices"] == tuple(ALIGNMENTS) == ("sendvae", "repa", "vf", "none")
+    assert (
+        field.metadata["choices"] == tuple(ALIGNMENTS) == ("sendvae", "repa", "vf", "reals", "repae", "none")
+    )
     assert all(f"{a.name}: {a.help}" in field.metadata["help"] for a in ALIGNMENTS.values())
     assert main(["train-vae", *tiny_train_args(tmp_path), "--loss.align", "cosine", "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -81,13 +83,25 @@ def test_entry_is_complete(name):
     assert a.needs_teacher == has_head == (a.loss is not None)  # today's variants: all three or none
     assert ("align" in a.logged) == (a.loss is not None) and len(set(a.logged)) == len(a.logged)
     assert (a.export is not None) == bool(a.exports) and (not a.exports or has_head)
+    assert (a.load is not None) == bool(a.exports)  # what is exported can be read back
 
 
 PUBLISHED = {  # variant -> (its L_align from the loss functions, whether lambda_align is adaptive by default)
     "sendvae": (lambda p, t, c: cosine_alignment_loss(p, t)[0], False),
     "repa": (lambda p, t, c: cosine_alignment_loss(p, t)[0], False),
     "vf": (lambda p, t, c: vf_loss(p, t, c.vf_margin_cos, c.vf_margin_dist)[0], True),
+    # ReaLS from its formula: the head's first token is the global feature, the pooled teacher its target
+    "reals": (
+        lambda p, t, c: (
+            c.reals_patch_weight * (1 - torch.cosine_similarity(p[:, 1:], t, dim=-1).mean())
+            + c.reals_global_weight * (1 - torch.cosine_similarity(p[:, 0], t.mean(1), dim=-1).mean())
+        ),
+        False,
+    ),
+    # REPA-E's VAE alignment: REPA's projection loss, minus the mean token cosine
+    "repae": (lambda p, t, c: -torch.cosine_similarity(p, t, dim=-1).mean(), False),
 }
+EXTRA_TOKENS = {"reals": 1}  # a head output's tokens beyond the teacher's (ReaLS: its global feature)
 
 
 def test_every_variant_with_a_loss_is_checked_against_its_published_loss():
@@ -97,9 +111,11 @@ def test_every_variant_with_a_loss_is_checked_against_its_published_loss():
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_entry_loss_is_the_published_loss_and_logs_its_keys(name):
     torch.manual_seed(0)
-    a, cfg = ALIGNMENTS[name], LossConfig(vf_margin_cos=0.3, vf_margin_dist=0.1)
+    weights = {"reals_patch_weight": 0.7, "reals_global_weight": 0.4}
+    a, cfg = ALIGNMENTS[name], LossConfig(vf_margin_cos=0.3, vf_margin_dist=0.1, **weights)
     reference, adaptive = PUBLISHED[name]
-    pred, target = torch.randn(2, 16, 8, requires_grad=True), torch.randn(2, 16, 8)
+    pred = torch.randn(2, 16 + EXTRA_TOKENS.get(name, 0), 8, requires_grad=True)
+    target = torch.randn(2, 16, 8)
     loss, terms = a.loss(AlignInputs(pred, target), cfg)
     torch.testing.assert_close(loss, reference(pred, target, cfg))
     assert set(terms) | {"align"} == set(a.logged) and all(not t.requires_grad for t in terms.values())
@@ -114,8 +130,9 @@ def test_entry_loss_is_the_published_loss_and_logs_its_keys(name):
 def test_variant_logs_exactly_its_declared_keys(runs, name):
     row = read_stats(runs / f"run-{name}" / "stats.jsonl")[-1]
     base = read_stats(runs / "run-none" / "stats.jsonl")[-1]  # the variant with nothing to log
-    assert set(row) == set(base) | set(ALIGNMENTS[name].logged), sorted(set(row) ^ set(base))
-    assert all(row[k] == row[k] for k in ALIGNMENTS[name].logged)  # logged and not NaN
+    declared = set(ALIGNMENTS[name].logged) | set(ALIGNMENTS[name].cotrained_logged)
+    assert set(row) == set(base) | declared, sorted(set(row) ^ set(base))
+    assert all(row[k] == row[k] for k in declared)  # logged and not NaN
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -135,6 +152,13 @@ def test_variant_exports_what_it_declares(runs, name):
             torch.testing.assert_close(v, head[k])
         noisy = a.head_input(cfg) == NOISY_LATENT
         assert mapper.config.noise == noisy  # the exported mapper consumes what the trained one did
+    if a.load is not None:  # every exported head reads back as the trained one, its variant recorded
+        exported = load_exported_head(runs / f"run-{name}" / "export" / "vae")
+        assert exported.alignment is a and not exported.head.training
+        assert exported.meta["align"] == name and exported.token_grid == tuple(exported.meta["token_grid"])
+        assert set(exported.head.state_dict()) == set(head)
+        for k, v in exported.head.state_dict().items():
+            torch.testing.assert_close(v, head[k])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -204,7 +228,7 @@ def test_a_new_variant_is_one_registry_entry(tmp_path, monkeypatch):
 def _branches_on_the_variant(tree: ast.AST) -> list[int]:
     """Lines that compare `.align` (or a variant name), isinstance-test an alignment head, or match on it."""
     names = {n for n in ALIGNMENTS if n != "none"}  # "none" is a common value of unrelated options
-    heads = {"Mapper", "VFProjector"}
+    heads = {"Mapper", "VFProjector", "RealsHead"}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):

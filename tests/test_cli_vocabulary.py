@@ -21,24 +21,24 @@ ALL = set(COMMANDS)
 CONCEPTS = {
     "output folder": (
         "--output-dir",
-        {"train-vae", "train-sit", "cache-latents", "sample", "probe"},
+        {"train-vae", "train-sit", "cache-latents", "sample", "probe", "downstream", "demo", "study"},
         {"--output", "--out", "--outdir", "--out-dir", "--output-folder", "--results-dir", "--save-dir"},
     ),
     "experiment name": ("--exp-name", {"train-vae", "train-sit"}, {"--name", "--run-name", "--exp"}),
     "VAE": (
         "--vae",
-        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "bench"},
+        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "bench", "downstream"},
         {"--vae-path", "--vae-model", "--autoencoder"},
     ),
     "VAE checkpoint": ("--vae-ckpt", {"train-vae", "train-sit"}, {"--vae-checkpoint", "--vae-weights"}),
     "teacher": (
         "--enc-type",
-        {"train-vae", "train-sit", "cache-latents", "evaluate", "probe", "bench"},
+        {"train-vae", "train-sit", "cache-latents", "evaluate", "probe", "bench", "downstream"},
         {"--teacher", "--feature-teacher", "--teacher-name", "--encoder", "--enc"},
     ),
     "teacher weights": (
         "--teacher-weights",
-        {"train-vae", "cache-latents", "evaluate", "probe"},
+        {"train-vae", "cache-latents", "evaluate", "probe", "downstream"},
         {"--enc-weights", "--encoder-weights", "--teacher-ckpt", "--teacher-path"},
     ),
     "data path": (
@@ -48,19 +48,40 @@ CONCEPTS = {
     ),
     "seed": (
         "--seed",
-        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "prepare"},
+        {
+            "train-vae",
+            "train-sit",
+            "cache-latents",
+            "sample",
+            "evaluate",
+            "probe",
+            "prepare",
+            "downstream",
+            "demo",
+        },
         {"--global-seed", "--random-seed"},
     ),
     "device": (
         "--device",
-        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "bench"},
+        {
+            "train-vae",
+            "train-sit",
+            "cache-latents",
+            "sample",
+            "evaluate",
+            "probe",
+            "bench",
+            "downstream",
+            "demo",
+            "study",
+        },
         {"--gpu", "--dev", "--accelerator"},
     ),
     # beyond the reference scripts' names
     "dataset kind": ("--data", {"train-vae", "prepare", "cache-latents", "evaluate", "probe"}, {"--source"}),
     "batch size": (
         "--batch-size",
-        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "bench"},
+        {"train-vae", "train-sit", "cache-latents", "sample", "evaluate", "probe", "bench", "downstream"},
         {"--batch", "--bs"},
     ),
     "latent store": ("--store", {"train-sit", "probe"}, {"--latents", "--latent-store"}),
@@ -76,7 +97,7 @@ WORDS = {
     "enc": {"--enc-type", "--encoder-depth"},
     "data": {"--data", "--data-path"},
     "root": set(),
-    "seed": {"--seed"},
+    "seed": {"--seed", "--seeds"},  # --seeds: the study's list of run seeds
     "device": {"--device"},
     "batch": {"--batch-size"},
 }

@@ -32,6 +32,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "sample a SiT (ODE/SDE, CFG in an interval) into an ADM .npz; resumable, torchrun"),
     "evaluate": ("evaluate", "FID, sFID, IS, precision, recall vs an ADM batch; FD_<teacher>; --recon"),
     "probe": ("probe", "linear attribute probes and latent-space measures for one or more VAEs"),
+    "downstream": (
+        "downstream",
+        "segmentation / depth heads on teacher features, read from latents through the alignment head",
+    ),
+    "study": ("study", "compare the alignment variants on generation (shared init, same SiT, seeds)"),
+    "demo": ("demo", "the whole pipeline on the embedded example, with its report (train ... probe)"),
     "bench": ("bench", "measure throughput and memory of a stage (vae, train-vae, ...)"),
 }
 

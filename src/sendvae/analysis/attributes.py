@@ -204,20 +204,29 @@ def _check_files(paths: list[Path], what: str) -> None:
         )
 
 
-def shapes_data(num_images: int, resolution: int, seed: int = 0) -> ProbeData:
-    """Shapes images 0..N-1 (dataset seed `seed`): grouped attributes plus the multi-label set."""
-    from ..data.shapes import ShapesDataset
+def _varies(values: np.ndarray, kind: str) -> bool:
+    """Whether an attribute can be probed: two classes among its valid values, or a spread."""
+    if kind == "continuous":
+        v = values[np.isfinite(values)]
+        return v.size > 1 and float(v.std()) > 0
+    return np.unique(values[values >= 0]).size > 1
 
-    ds = ShapesDataset(resolution=resolution, seed=seed)
+
+def shapes_data(num_images: int, resolution: int, seed: int = 0, scene: str = "full") -> ProbeData:
+    """Shapes images 0..N-1 (dataset seed `seed`, `scene`): grouped attributes plus the multi-label set."""
+    from ..data.shapes import ShapesDataset, scene_config
+
+    ds = ShapesDataset(scene_config(scene, resolution=resolution, seed=seed))
     idx = np.arange(num_images)
     table, specs = ds.attribute_table(idx), {s.name: s for s in ds.attribute_specs}
     tasks = [
         ProbeTask(name, specs[name].kind, group, table[name], specs[name].classes)
         for group, names in SHAPES_GROUPS.items()
         for name in names
+        if _varies(table[name], specs[name].kind)  # a scene without textures has no texture angle
     ]
     binary = ds.binary_attribute_table(idx)
-    names = tuple(binary)
+    names = tuple(k for k in binary if np.unique(binary[k]).size > 1)
     target = np.stack([binary[k] for k in names], 1)  # (N, A)
     tasks.append(ProbeTask("binary attributes", "multilabel", MULTILABEL_GROUP, target, names))
     classes = table["shape"].astype(np.int64)
@@ -225,11 +234,12 @@ def shapes_data(num_images: int, resolution: int, seed: int = 0) -> ProbeData:
 
 
 def load_probe_data(
-    name: str, root: str | None, num_images: int, resolution: int, seed: int = 0
+    name: str, root: str | None, num_images: int, resolution: int, seed: int = 0, scene: str = "full"
 ) -> ProbeData:
-    """The images and probe targets of dataset `name` (shapes, fashion-mnist, celeba, awa2, deepfashion)."""
+    """The images and probe targets of dataset `name` (shapes, fashion-mnist, celeba, awa2, deepfashion);
+    `scene`: the shapes scene."""
     if name == "shapes":
-        return shapes_data(num_images, resolution, seed)
+        return shapes_data(num_images, resolution, seed, scene)
     if name == "fashion-mnist":
         from ..data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST
 

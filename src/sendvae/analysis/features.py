@@ -96,7 +96,7 @@ def store_probe_data(stores: list, num_images: int):
         )
     info, n = infos[0], min(num_images, *(len(st) for st in stores))
     if info["name"] == "shapes":
-        return shapes_data(n, info["resolution"], info.get("seed", 0))
+        return shapes_data(n, info["resolution"], info.get("seed", 0), info.get("scene", "full"))
     labels = stores[0].labels[:n].astype(np.int64)
     k = int(stores[0].num_classes)
     tasks = [ProbeTask("class", "categorical", "class", labels)] if k > 1 else []

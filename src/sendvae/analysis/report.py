@@ -215,6 +215,7 @@ def probe_models(
     num_images: int = 4000,
     resolution: int = 64,
     seed: int = 0,
+    shapes_scene: str = "full",
     pca_dim: int = 8,
     pixel_size: int = 16,
     teacher: str | None = "efficientnet-lite0",
@@ -226,14 +227,17 @@ def probe_models(
     vae_config: str | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    echo: bool = True,
 ) -> dict[str, Any]:
     """Probe VAEs (load_vae specs, 'NAME=SPEC', or (name, module) pairs), latent stores ('NAME=PATH' or
     paths) and raw pixels on the same images; writes the report to `output_dir` and returns it
     (the content of probe.json: meta, results per model, gfd).
 
-    data / data_root / num_images / resolution: the probe images (`analysis.attributes.load_probe_data`);
+    data / data_root / num_images / resolution / shapes_scene: the probe images
+    (`analysis.attributes.load_probe_data`);
     with latent stores, their images instead. teacher: for CKNNA, or None / "none". gfd: gFID per model
     for the scatter of `score` (a table column) against it. threads: BLAS threads of the probe fits.
+    echo: print the table.
     """
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
@@ -267,16 +271,15 @@ def probe_models(
                 "probe the stores alone, or cache the other VAEs' latents too and pass them with --store"
             )
     else:
-        probe_data = load_probe_data(data, data_root, num_images, resolution, seed)
+        probe_data = load_probe_data(data, data_root, num_images, resolution, seed, shapes_scene)
     n = len(probe_data.indices)
     cknna_teacher = None
     if teacher not in (None, "none") and probe_data.dataset is not None and n >= 16:
         tf = teacher_features(probe_data, teacher, teacher_weights, resolution, batch_size, device)
         cknna_teacher = (teacher, tf)
-    print(
-        f"probe: {len(sources)} model(s) on {n} {probe_data.name} images at {resolution} px, {device}",
-        flush=True,
-    )
+    if echo:
+        print(f"probe: {len(sources)} model(s) on {n} {probe_data.name} images at {resolution} px, {device}",
+              flush=True)  # fmt: skip
     bar = tqdm(total=len(sources) * (n + len(probe_data.tasks)), desc="probe", disable=not progress)
     results = {}
     for label, src in zip(labels, sources):
@@ -321,5 +324,6 @@ def probe_models(
         report = json.loads((out / "probe.json").read_text())
         report["gfd"] = {"values": gfd, "score": score, **stats}
         (out / "probe.json").write_text(json.dumps(report, indent=2))
-    print((out / "probe.md").read_text(), flush=True)
+    if echo:
+        print((out / "probe.md").read_text(), flush=True)
     return json.loads((out / "probe.json").read_text())

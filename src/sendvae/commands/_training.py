@@ -9,7 +9,6 @@ config field is also an option ``--section.field``. The config starts from ``--p
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..config import (
@@ -22,7 +21,6 @@ from ..config import (
     load_config,
     metavar,
     overrides_from_args,
-    to_dict,
 )
 
 # option string(s), the first the one shown -> (config key, help)
@@ -106,28 +104,3 @@ def resolve_config(
     if cfg.run.exp_name is None:
         cfg.run.exp_name = cfg.preset
     return cfg
-
-
-def run_training(cfg: Any, make_trainer, export) -> int:
-    """Set up the process group and the run folder, train, export on rank 0, clean up."""
-    from ..runtime.checkpoint import atomic_write_json
-    from ..runtime.distributed import cleanup, init_distributed
-    from ..runtime.log import RunLogger
-
-    dist = init_distributed(cfg.run.device, option="--device")
-    run_dir = Path(cfg.run.output_dir) / cfg.run.exp_name
-    log = RunLogger(run_dir, dist.is_main, tensorboard=cfg.run.tensorboard)
-    try:
-        # Building the trainer resumes, and refuses a config that differs from its checkpoint's
-        # (train/resume.py); only then is config.json written, so a failed start leaves no false record.
-        trainer = make_trainer(cfg, dist, run_dir, log)
-        if dist.is_main:
-            atomic_write_json(to_dict(cfg), run_dir / "config.json")
-        trainer.train()
-        if dist.is_main:
-            trainer.check_finite()
-            log.info(f"exported to {export(trainer)}")
-    finally:
-        log.close()
-        cleanup()
-    return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._training import Aliases, add_training_arguments, run_training
+from ..train.run import run_training
+from ._training import Aliases, add_training_arguments
 from ._training import resolve_config as _resolve
 
 NAME = "train-vae"

@@ -14,7 +14,7 @@ from .config import DataConfig
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolderDataset, center_crop_adm
 from .prepared import PreparedDataset, prepare_dataset
-from .shapes import ATTRIBUTES, ShapesConfig, ShapesDataset
+from .shapes import ATTRIBUTES, ShapesConfig, ShapesDataset, scene_config
 from .transforms import to_float, to_uint8
 
 __all__ = [
@@ -34,9 +34,12 @@ __all__ = [
 
 
 def build_dataset(cfg, seed: int = 0):
-    """Dataset for a ``DataConfig`` (fields: name, path, resolution, shapes_length)."""
+    """Dataset for a ``DataConfig`` (fields: name, path, resolution, shapes_length, shapes_scene)."""
     if cfg.name == "shapes":
-        return ShapesDataset(ShapesConfig(resolution=cfg.resolution, seed=seed, length=cfg.shapes_length))
+        scene = getattr(cfg, "shapes_scene", "full")
+        return ShapesDataset(
+            scene_config(scene, resolution=cfg.resolution, seed=seed, length=cfg.shapes_length)
+        )
     if cfg.path is None:
         raise ValueError(f"dataset {cfg.name!r} needs its folder: pass --data-path DIR")
     if cfg.name == "imagefolder":

@@ -49,14 +49,20 @@ def _size(n: float) -> str:
 
 
 def cache_data_config(
-    name: str, path: str | None = None, resolution: int | None = None, num_images: int = 10000
+    name: str,
+    path: str | None = None,
+    resolution: int | None = None,
+    num_images: int = 10000,
+    shapes_scene: str = "full",
 ) -> DataConfig:
     """The dataset spec of a cache run; the resolution defaults to a prepared dataset's own, else 256."""
     from .prepared import read_index
 
     if resolution is None:
         resolution = read_index(path)["resolution"] if name == "prepared" and path else 256
-    return DataConfig(name=name, path=path, resolution=resolution, shapes_length=num_images)
+    return DataConfig(
+        name=name, path=path, resolution=resolution, shapes_length=num_images, shapes_scene=shapes_scene
+    )
 
 
 def dataset_record(data: DataConfig, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -72,7 +78,8 @@ def dataset_record(data: DataConfig, seed: int = 0) -> tuple[Any, dict[str, Any]
     )  # fmt: skip
     if data.name == "shapes":
         info["config"] = repr(ds.config)
-        info["seed"] = seed  # with name/resolution/num_images: enough to rebuild the images
+        info["seed"] = seed  # with name/resolution/num_images/scene: enough to rebuild the images
+        info["scene"] = data.shapes_scene
     return ds, info
 
 

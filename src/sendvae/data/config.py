@@ -21,3 +21,8 @@ class DataConfig:
     hflip: bool = option(True, "random horizontal flips")
     num_workers: int = option(4, "DataLoader worker processes per rank")
     shapes_length: int = option(1_000_000, "number of distinct images of the shapes dataset")
+    shapes_scene: str = option(
+        "full",
+        "shapes scene: full (textured backgrounds, second objects) or simple (one object, flat background)",
+        choices=("full", "simple"),
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -174,6 +174,22 @@ def attribute_specs(config: ShapesConfig) -> tuple[AttributeSpec, ...]:
         AttributeSpec("occluded", binary, help=f"occluded_fraction >= {OCCLUDED_THRESHOLD}"),
     ]
     return tuple(specs)
+
+
+# Named scenes (``--data.shapes_scene``): ShapesConfig fields over the defaults. "simple" is one large object
+# on a flat background: the scene the embedded demo generates within CPU minutes (no textures to model, and
+# an object of 13-17 px at 32 px, large enough for an f4 latent to keep its shape).
+SCENES: dict[str, dict[str, Any]] = {
+    "full": {},
+    "simple": {"texture_prob": 0.0, "second_object_prob": 0.0, "size_range": (0.4, 0.54)},
+}
+
+
+def scene_config(scene: str = "full", **fields) -> ShapesConfig:
+    """ShapesConfig of a named scene (`SCENES`), with `fields` (resolution, seed, length, ...) on top."""
+    if scene not in SCENES:
+        raise ValueError(f"unknown shapes scene {scene!r}; choose from {', '.join(SCENES)}")
+    return ShapesConfig(**{**SCENES[scene], **fields})
 
 
 ATTRIBUTES = attribute_specs(ShapesConfig())

@@ -66,10 +66,25 @@ def trained_stats(cfg: dict[str, Any]) -> LatentStats | None:
     return LatentStats(tuple(lat["mean"]), tuple(lat["std"]), lat.get("vae_fingerprint"))
 
 
-def _from_train_state(raw: dict[str, Any], weights: str) -> tuple[SiT, dict[str, Any]]:
-    """A SiT from a train-sit checkpoint (keys model, ema, model_config, config) and the run's settings."""
+def _joint_state(raw: Any) -> dict[str, Any] | None:
+    """The SiT part of a train-vae ``--loss.align repae`` state (train/repae.py: under ``"sit"``), or None."""
+    part = raw.get("sit") if isinstance(raw, dict) else None
+    return part if isinstance(part, dict) and "model_config" in part else None
+
+
+def _from_train_state(raw: dict[str, Any], weights: str, path: Path) -> tuple[SiT, dict[str, Any]]:
+    """A SiT from a train-sit checkpoint (keys model, ema, model_config, config) and the run's settings, or
+    from a train-vae repae checkpoint: its SiT, decoded by the VAE in the same file with the statistics of
+    its latent BatchNorm at that step."""
     from ..models.sit import SiT, SiTConfig
 
+    joint = _joint_state(raw)
+    if joint is not None:
+        model = SiT(SiTConfig.from_dict(joint["model_config"]))
+        model.load_state_dict(joint[weights])
+        stats = LatentStats.from_dict(joint["latents"])
+        where = f"the latent BatchNorm in {path.name}"
+        return model, {"vae": str(path), "vae_config": None, "stats": stats, "stats_from": where}
     model = SiT(SiTConfig.from_dict(raw["model_config"]))
     model.load_state_dict(raw[weights])
     cfg = raw.get("config") or {}
@@ -92,8 +107,8 @@ def load_sit_model(path: str | os.PathLike, weights: str = "ema") -> LoadedSiT:
     if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
         with torch.serialization.safe_globals([argparse.Namespace]):  # REPA keeps its args in one
             raw = ckpt.load_checkpoint(path)
-    if isinstance(raw, dict) and "model_config" in raw:  # our trainer's checkpoint
-        model, more = _from_train_state(raw, weights)
+    if isinstance(raw, dict) and ("model_config" in raw or _joint_state(raw) is not None):  # our trainers'
+        model, more = _from_train_state(raw, weights, path)
         return LoadedSiT(model, name, source, weights, **more)
     model = load_sit(path, weights=weights)
     stats, where = None, str(path)
@@ -105,7 +120,8 @@ def load_sit_model(path: str | os.PathLike, weights: str = "ema") -> LoadedSiT:
 def load_sit_run(
     run_dir: str | os.PathLike, train_steps: int | None = None, weights: str = "ema"
 ) -> LoadedSiT:
-    """The SiT of a train-sit run folder at checkpoint step `train_steps` (default: the latest)."""
+    """The SiT of a train-sit (or train-vae repae) run folder at checkpoint step `train_steps` (default:
+    the latest)."""
     run = Path(run_dir)
     found = dict(ckpt.list_checkpoints(run))
     if not found:
@@ -113,7 +129,7 @@ def load_sit_run(
     step = train_steps if train_steps is not None else max(found)
     if step not in found:
         raise FileNotFoundError(f"{run} has no checkpoint of step {step}; it has steps {sorted(found)}")
-    model, info = _from_train_state(ckpt.load_checkpoint(found[step]), weights)
+    model, info = _from_train_state(ckpt.load_checkpoint(found[step]), weights, found[step])
     name, source = f"{run.name}-{step:07d}-{weights}", str(found[step].resolve())
     return LoadedSiT(model, name, source, weights, **info)
 

@@ -4,8 +4,10 @@
   averaged over the batch.
 - `vf_loss`: VA-VAE's vision-foundation loss, a marginal cosine term plus a marginal term on the
   token-token cosine-similarity matrices within each image.
+- `reals_loss`: ReaLS's patch-level token cosine plus a global cosine against the teacher's pooled
+  feature, each with its weight.
 
-Both cast to fp32 and run with autocast off: in fp16 a squared norm overflows past 65504 (a vector
+All cast to fp32 and run with autocast off: in fp16 a squared norm overflows past 65504 (a vector
 of norm 256) and the cosine turns into NaN, and a bf16 Gram matrix is too coarse for the margins.
 The target is a constant (the teacher is frozen); it is detached here so no gradient can reach it.
 """
@@ -79,3 +81,29 @@ def vf_loss(
         loss = weight_cos * l_cos + weight_dist * l_dist
     parts = {"vf_cos": l_cos.detach(), "vf_dist": l_dist.detach(), "mean_cos": cos.mean().detach()}
     return loss, parts
+
+
+def reals_loss(
+    patch: torch.Tensor,
+    glob: torch.Tensor,
+    target: torch.Tensor,
+    target_global: torch.Tensor,
+    weight_patch: float = 1.0,
+    weight_global: float = 1.0,
+) -> LossAndLogs:
+    """ReaLS's two alignment terms: patch tokens patch, target (B, N, D); global features glob,
+    target_global (B, D), the teacher's pooled feature.
+
+    L_patch  = 1 - (1/BN) sum_{b,n} cos(patch[b, n], target[b, n])
+    L_global = 1 - (1/B) sum_b cos(glob[b], target_global[b])
+    L        = weight_patch * L_patch + weight_global * L_global
+    """
+    if glob.ndim != 2 or glob.shape != target_global.shape:
+        raise ValueError(
+            f"the global term expects predicted and teacher global features (B, D) of one shape, got "
+            f"{tuple(glob.shape)} and {tuple(target_global.shape)}"
+        )
+    l_patch, cos_patch = cosine_alignment_loss(patch, target)
+    l_global, cos_global = cosine_alignment_loss(glob[:, None], target_global[:, None])  # (B, 1, D)
+    loss = weight_patch * l_patch + weight_global * l_global
+    return loss, {"cos": cos_patch, "cos_global": cos_global}

@@ -368,6 +368,7 @@ class VFProjector(nn.Module):
     def __init__(self, latent_channels: int, teacher_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(latent_channels, teacher_dim, kernel_size=1, bias=False)
+        self.token_grid: tuple[int, int] | None = None  # the latent grid, set by the trainer's builder
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.proj(z).flatten(2).transpose(1, 2)  # (B, h*w, teacher_dim)
@@ -390,3 +391,17 @@ def load_mapper(export_dir: str | Path) -> Mapper:
     )
     m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
     return m.eval()
+
+
+VF_FILES = ("vf_projector.safetensors", "vf_projector.json")
+
+
+def load_vf_projector(export_dir: str | Path) -> VFProjector:
+    """The VA-VAE projection exported beside a trained VAE (vf_projector.json + .safetensors), eval mode."""
+    d = Path(export_dir)
+    if not (d / VF_FILES[1]).exists():
+        raise FileNotFoundError(f"no {VF_FILES[1]} in {d}: this VAE was not trained with --loss.align vf")
+    meta = json.loads((d / VF_FILES[1]).read_text())
+    proj = VFProjector(meta["latent_channels"], meta["teacher_dim"])
+    proj.load_state_dict(read_weights(d / VF_FILES[0], "VF projector weights"))
+    return proj.eval()

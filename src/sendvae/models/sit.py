@@ -386,9 +386,11 @@ class SiT(nn.Module):
             out = -out  # v(x, t) = -v_SiT(x, 1 - t)
         return (out, features) if return_features else out
 
-    def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def forward_features(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """REPA tokens only: runs blocks 1..encoder_depth and the projectors (REPA-E's VAE alignment)."""
-        h, c = self._embed(x, t, y)
+        h, c = self._embed(x, t, y, force_drop_ids)
         for block in self.blocks[: self.config.encoder_depth]:
             h = self._block(block, h, c)
         return [proj(h) for proj in self.projectors]

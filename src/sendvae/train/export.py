@@ -1,9 +1,13 @@
 """Exports of a VAE training run: the VAE (diffusers layout + our config + latent statistics) and the mapper.
 
 export/vae/config.json, diffusion_pytorch_model.safetensors, sendvae.json   (AutoencoderKL.save_pretrained)
-export/vae/mapper.safetensors, mapper.json                                  (the alignment head, if any)
+export/vae/mapper.safetensors, mapper.json                                  (the alignment head, if any:
+export/vae/reals_head.*, vf_projector.*                                       the variant's files)
+export/sit/model.safetensors, config.json, latents.json      (--loss.align repae: the SiT trained beside it)
 
-What is exported beside the VAE is the alignment variant's (``Alignment.export``, train/alignment.py).
+What is exported beside the VAE is the alignment variant's (``Alignment.export``, train/alignment.py); every
+head's json carries `head_meta` (the variant, the latent and token grids, the teacher it was aligned to),
+and `train.alignment.load_exported_head` reads any of them back.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from torch import nn
 
 from ..config import to_dict
 from ..data import to_float
-from ..models.mapper import Mapper
+from ..models.mapper import VF_FILES, Mapper, VFProjector
+from ..models.reals import REALS_FILES, RealsHead
 from ..models.vae import AutoencoderKL
 from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 
@@ -60,26 +65,55 @@ def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
     atomic_write_json(meta, out_dir / "mapper.json")
 
 
-def export_mapper(
-    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
-) -> None:
-    """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
+def head_meta(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, token_grid: tuple[int, int]) -> dict:
+    """What every exported alignment head records: the variant, its grids, and the teacher it was aligned
+    to (name, input size, weights), so that downstream heads can be trained on the same teacher."""
     res = cfg.data.resolution
-    meta = {
+    return {
+        "align": cfg.loss.align,
         "latent_channels": vae.latent_channels,
         "latent_grid": list(vae.latent_grid(res)),
         "teacher_dim": teacher.embed_dim,
         "teacher_grid": list(teacher.grid_size(res)),
+        "token_grid": list(token_grid),
         "teacher": cfg.teacher.enc_type,
+        "teacher_input_size": cfg.teacher.input_size,
+        "teacher_weights": cfg.teacher.weights,
         "resolution": res,
-        "config": to_dict(mapper.config),
     }
+
+
+def export_mapper(
+    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
+) -> None:
+    """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
+    meta = {**head_meta(cfg, vae, teacher, mapper.token_grid), "config": to_dict(mapper.config)}
     save_mapper(mapper, out_dir, meta)
 
 
+def export_reals(
+    head: RealsHead, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
+) -> None:
+    """The ReaLS head beside the VAE (reals_head.safetensors + .json, what `load_reals_head` reads)."""
+    meta = {**head_meta(cfg, vae, teacher, head.token_grid), "config": to_dict(head.config)}
+    atomic_save_safetensors(dict(head.state_dict()), out_dir / REALS_FILES[0])
+    atomic_write_json(meta, out_dir / REALS_FILES[1])
+
+
+def export_vf(
+    proj: VFProjector, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
+) -> None:
+    """VA-VAE's 1x1 projection beside the VAE (vf_projector.*, what `load_vf_projector` reads); its tokens
+    are on the latent grid."""
+    meta = head_meta(cfg, vae, teacher, vae.latent_grid(cfg.data.resolution))
+    atomic_save_safetensors(dict(proj.state_dict()), out_dir / VF_FILES[0])
+    atomic_write_json(meta, out_dir / VF_FILES[1])
+
+
 def export_run(trainer) -> Path:
-    """Export the trained VAE (EMA weights when kept) with fresh latent statistics, and what the alignment
-    variant exports beside it (``Alignment.export``: the mapper, or nothing)."""
+    """Export the trained VAE (EMA weights when kept) with fresh latent statistics, what the alignment
+    variant exports beside it (``Alignment.export``: the mapper, or nothing), and the model trained beside
+    the VAE next to export/vae (``Alignment.cotrained``: REPA-E's SiT in export/sit)."""
     cfg = trainer.cfg
     out = trainer.run_dir / "export" / "vae"
     vae = trainer.ema if trainer.ema is not None else trainer.model.vae
@@ -91,4 +125,6 @@ def export_run(trainer) -> Path:
     head, alignment = trainer.model.head, trainer.alignment
     if head is not None and alignment.export is not None:
         alignment.export(head, out, cfg, trainer.model.vae, trainer.teacher)
+    if trainer.cotrained is not None:  # the model trained beside the VAE (REPA-E: export/sit), paired with it
+        trainer.log.info(f"exported the co-trained model to {trainer.cotrained.export(out.parent, vae)}")
     return out

@@ -80,6 +80,7 @@ class LatentsWithImages(torch.utils.data.Dataset):
             path=info.get("path"),
             resolution=int(info["resolution"]),
             shapes_length=int(info["num_images"]),
+            shapes_scene=info.get("scene", "full"),
         )
         self.store, self.images = store, build_dataset(cfg, seed=int(info.get("seed", 0)))
         if len(self.images) < len(store):

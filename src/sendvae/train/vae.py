@@ -10,6 +10,10 @@ steps; a non-finite gradient norm skips the optimizer step on the device (the fu
 ``found_inf`` mechanism, as under a GradScaler) and is counted, and the buffers the forward pass moved
 (the mapper's LatentNorm, the PatchGAN's BatchNorm, LeCam) are put back, so a NaN batch changes no state.
 A skipped generator step skips the discriminator step too; the step counts once in ``nan_steps``.
+
+A variant with a model trained beside the VAE (``Alignment.cotrained``; REPA-E's SiT) draws what its head
+reads beside z before the forward pass and takes its own update on the detached latents after the
+discriminator's (skipped with the generator's); it is checkpointed under its ``state_key``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class VAETrainer(TrainerBase):
         self.teacher = build_teacher_for(cfg, dev) if self.alignment.needs_teacher else None
         head = build_head(cfg, vae, self.teacher, logger=logger)
         grid = self.alignment.token_grid(head) if head is not None else None
+        self.cotrained = self.alignment.cotrained(head) if head is not None else None
         self.model = SendVAEModel(vae, head, cfg.model.sample_posterior, grid).to(dev)
         if cfg.optim.freeze_decoder:
             for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
@@ -112,6 +117,8 @@ class VAETrainer(TrainerBase):
             st["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
             st["ema"] = self.ema.state_dict()
+        if self.cotrained is not None:
+            st[self.cotrained.state_key] = self.cotrained.state_dict()
         return st
 
     def load_state(self, st: dict) -> None:
@@ -124,6 +131,8 @@ class VAETrainer(TrainerBase):
             self.opt_d.load_state_dict(st["opt_d"])
         if self.ema is not None and "ema" in st:
             self.ema.load_state_dict(st["ema"])
+        if self.cotrained is not None:
+            self.cotrained.load_state_dict(st[self.cotrained.state_key])
 
     # -----------------------------------------------------------------------------------------------------
     # One step
@@ -132,6 +141,7 @@ class VAETrainer(TrainerBase):
         """One generator + discriminator update on a batch of uint8 images (or (images, labels))."""
         cfg, dev = self.cfg, self.device
         self.seed_step()  # flips, posterior samples and mapper noise: functions of (seed, step, rank)
+        labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
         x = to_float(batch.to(dev, non_blocking=True))
@@ -146,6 +156,8 @@ class VAETrainer(TrainerBase):
         for g in self.opt_g.param_groups:
             g["lr"] = self.lr_at(self.step)
         amp = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        # what the head reads beside z, from the co-trained model (REPA-E: the SiT's t, noise and labels)
+        cond = self.cotrained.draw(labels, x.shape[0]) if self.cotrained is not None else None
 
         # ---- generator: VAE + alignment head
         g_state = BufferGuard([self.model])  # LatentNorm statistics move in the forward pass
@@ -153,7 +165,7 @@ class VAETrainer(TrainerBase):
         if self.disc is not None:
             self.disc.requires_grad_(False)
         with amp:
-            recon, posterior, z, pred = self.fwd(x)
+            recon, posterior, z, pred = self.fwd(x, cond)
             target = self.teacher_tokens(x) if self.teacher is not None else None
         vae = self.model.vae
         loss, terms = self.loss.generator(
@@ -183,7 +195,13 @@ class VAETrainer(TrainerBase):
             dnorm, bad = optimizer_step(self.opt_d, self.disc.parameters(), cfg.optim.grad_clip, skip=bad)
             terms.update(d_terms, d_grad_norm=dnorm)
         d_state.restore(bad)
-        terms["skipped"] = bad  # 1 when the generator or the discriminator update was skipped
+
+        # ---- the model trained beside the VAE, on sg(z)
+        if self.cotrained is not None:
+            assert target is not None  # a co-trained model comes with a head, hence a teacher
+            co_terms, bad = self.cotrained.step(z, cond, target, skip=bad)
+            terms.update(co_terms)
+        terms["skipped"] = bad  # 1 when the generator, the discriminator or a co-trained update was skipped
         return terms
 
     @property

@@ -5,12 +5,13 @@ One module so that DDP sees every parameter that receives gradients in one forwa
                                      z -> alignment head -> tokens (B, N, D_teacher)
 The alignment head is the chosen variant's (train/alignment.py): the Send-VAE mapper (patch embed ->
 ViT blocks -> MLP projector, with z_t = (1 - t) z + t eps inside), the same mapper with depth 0 and no
-noise for the REPA-style direct alignment baseline, VA-VAE's bias-free 1x1 projection, or none.
+noise for the REPA-style direct alignment baseline, VA-VAE's bias-free 1x1 projection, REPA-E's latent
+BatchNorm + frozen SiT blocks (the SiT itself is trained beside this module, not in it), or none.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,12 +38,16 @@ class SendVAEModel(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, cond: Any = None
     ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, torch.Tensor | None]:
+        """``cond``: what the head reads beside z this step, drawn by the variant's co-trained model
+        (REPA-E: the SiT's t, noise and labels); None for a head that reads z alone."""
         posterior = self.vae.encode(x)
         z = posterior.sample() if self.sample_posterior else posterior.mean  # (B, C, h, w)
         recon = self.vae.decode(z)  # (B, 3, H, W)
-        pred = self.head(z) if self.head is not None else None  # (B, N, D)
+        pred = None
+        if self.head is not None:
+            pred = self.head(z) if cond is None else self.head(z, cond)  # (B, N, D)
         return recon, posterior, z, pred
 
     @property

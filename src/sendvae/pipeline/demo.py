@@ -1,0 +1,357 @@
+"""`sendvae demo`: the whole pipeline on the embedded example, one resumable stage after another.
+
+    pretrain  train a plain VAE (no alignment): what Send-VAE fine-tunes       -> ROOT/pretrain/export/vae
+    vae       fine-tune it as a Send-VAE (mapper alignment to the bundled teacher) -> ROOT/vae/export/vae
+    latents   encode the shapes into a latent store with teacher tokens      -> ROOT/latents
+    sit       train a SiT with REPA on the store                             -> ROOT/sit/export/sit
+    samples   class-conditional samples without and with CFG (ADM .npz)      -> ROOT/samples
+    evaluate  FD_<teacher> and class accuracy of the samples, rFD / PSNR / SSIM / LPIPS of the VAE
+    probe     linear attribute probes of the latents (Send-VAE, a random VAE, pixels)  -> ROOT/probe
+    report    ROOT/report.html (self-contained) and ROOT/report.md
+
+Each stage calls the library engine its command calls (train-vae's trainer, cache_latents, train-sit's
+trainer, generate, the metrics, probe_models), and is recorded when it finishes (`pipeline.stages`), so
+running the demo again continues where it stopped. The sizes per scale are in `pipeline.demo_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import to_dict
+from .demo_config import DemoConfig
+from .stages import Stages
+
+# the config sections each stage depends on, with those of every stage before it (a rerun with other
+# values of these is refused; later sections can change)
+_DEPENDS = {
+    "pretrain": ("seed", "data", "vae"),
+    "vae": (),
+    "latents": ("latents",),
+    "sit": ("sit",),
+    "samples": ("sample",),
+    "evaluate": ("eval",),
+    "probe": (),
+}
+_ORDER = tuple(_DEPENDS)
+
+
+def stage_settings(cfg: DemoConfig, stage: str) -> dict[str, Any]:
+    """The settings a stage's record is keyed by."""
+    d = to_dict(cfg)
+    return {k: d[k] for s in _ORDER[: _ORDER.index(stage) + 1] for k in _DEPENDS[s]}
+
+
+def vae_run_config(cfg: DemoConfig, root: Path, init: str | None = None):
+    """train-vae's config for the demo's VAE (the embedded preset, resized): with `init` (a VAE export)
+    the alignment fine-tune from it, else the plain pre-training (ROOT/pretrain)."""
+    from ..train.vae_config import PRESETS
+
+    vc = PRESETS.build("shapes-tiny")
+    vc.run.output_dir, vc.run.exp_name, vc.run.seed, vc.run.device = str(root), "vae", cfg.seed, cfg.device
+    v, d = cfg.vae, cfg.data
+    vc.run.sample_every, vc.run.keep_ckpts = 0, 1
+    vc.run.stats_images = min(vc.run.stats_images, 256)
+    vc.data.resolution, vc.data.shapes_scene, vc.data.num_workers = d.resolution, d.scene, 0
+    vc.model.vae = v.arch
+    vc.teacher.enc_type, vc.teacher.input_size = d.teacher, d.teacher_input
+    vc.mapper.patch_size = v.mapper_patch
+    vc.loss.align, vc.loss.align_weight, vc.loss.lpips_weight = v.align, v.align_weight, v.lpips_weight
+    steps = v.steps
+    if init is None:  # the plain VAE the alignment starts from: no teacher in its steps
+        vc.run.exp_name, vc.loss.align, steps = "pretrain", "none", v.pretrain_steps
+    else:
+        vc.model.vae_ckpt = init
+    vc.run.log_every, vc.run.ckpt_every = max(1, steps // 30), max(1, steps // 3)
+    if v.gan_start is None:
+        vc.loss.gan_weight = 0.0
+    else:
+        vc.loss.gan_start = v.gan_start
+    vc.optim.batch_size, vc.optim.lr, vc.optim.max_steps = (
+        v.batch_size,
+        v.lr,
+        steps,
+    )  # ckpt: a third lost at most
+    return vc
+
+
+def sit_run_config(
+    cfg: DemoConfig, root: Path, store: Path, vae: Path, ckpt_every: int | None = None, keep: int = 1
+):
+    """train-sit's config for the demo's SiT (the embedded preset, resized); checkpoints every
+    `ckpt_every` steps (default: a third of the run), the last `keep` kept."""
+    from ..train.sit_config import PRESETS
+
+    sc = PRESETS.build("shapes-tiny")
+    sc.run.output_dir, sc.run.exp_name, sc.run.seed, sc.run.device = str(root), "sit", cfg.seed, cfg.device
+    t = cfg.sit
+    sc.run.log_every = max(1, t.steps // 30)
+    sc.run.ckpt_every = ckpt_every or max(1, t.steps // 3)
+    sc.run.sample_every, sc.run.keep_ckpts = 0, keep
+    sc.data.store, sc.data.num_workers, sc.model.vae = str(store), 0, str(vae)
+    m = sc.model
+    m.model, m.depth, m.hidden_size, m.num_heads = t.model, t.depth, t.width, t.heads
+    m.encoder_depth, m.projector_dim, m.ema_decay = t.encoder_depth, t.projector_dim, t.ema
+    sc.transport.proj_coeff = t.proj_coeff
+    o = sc.optim
+    o.batch_size, o.lr, o.warmup_steps, o.max_steps = t.batch_size, t.lr, t.warmup, t.steps
+    return sc
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return float(vals[-1]) if vals else float("nan")
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+
+
+def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dict[str, Any]:
+    """The plain pre-training (init None, ROOT/pretrain) or the alignment fine-tune from `init` (ROOT/vae)."""
+    from ..runtime.log import read_stats
+    from ..train.export import export_run
+    from ..train.run import run_training
+    from ..train.vae import VAETrainer
+
+    vc = vae_run_config(cfg, root, init)
+    run_training(vc, VAETrainer, export_run, echo=False)
+    rows = read_stats(root / vc.run.exp_name / "stats.jsonl")
+    rec, cos = _last(rows, "rec"), _last(rows, "cos")
+    what = f"plain {cfg.vae.arch} VAE" if init is None else f"{cfg.vae.align} fine-tune"
+    line = f"{what}, {vc.optim.max_steps} steps x {cfg.vae.batch_size}: rec (MSE) {rec:.4f}"
+    return {
+        "export": str(root / vc.run.exp_name / "export" / "vae"),
+        "rec": rec,
+        "cos": cos,
+        "summary": line + (f", alignment cosine {cos:.3f}" if math.isfinite(cos) else ""),
+    }
+
+
+def cache_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:
+    from ..data.caching import cache_latents, teacher_record
+    from ..data.config import DataConfig
+    from ..models.vae_io import load_vae
+    from ..teachers import build_teacher
+
+    vae = load_vae(vae_export)
+    d = cfg.data
+    teacher = build_teacher(d.teacher, resolution=d.resolution, input_size=d.teacher_input)
+    data = DataConfig(
+        "shapes", resolution=d.resolution, shapes_length=cfg.latents.num_images, shapes_scene=d.scene
+    )
+    store = cache_latents(
+        vae,
+        data,
+        root / "latents",
+        teacher=teacher,
+        teacher_info=teacher_record(teacher, d.resolution),
+        seed=cfg.seed,
+        vae_source=vae_export,
+        device=cfg.device,
+        progress=progress,
+    )
+    c, h, w = store.latent_shape
+    tokens, dim = store.feature_shape or (0, 0)
+    return {
+        "store": str(root / "latents"),
+        "summary": f"{len(store)} images (and flips) -> {c}x{h}x{w} latents + {tokens} x {dim} teacher "
+        "tokens",
+    }
+
+
+def train_sit_stage(cfg: DemoConfig, root: Path, store: str, vae_export: str, **ckpts) -> dict[str, Any]:
+    from ..runtime.log import read_stats
+    from ..train.run import run_training
+    from ..train.sit import SiTTrainer
+
+    sc = sit_run_config(cfg, root, Path(store), Path(vae_export), **ckpts)
+    run_training(sc, SiTTrainer, lambda tr: tr.export(), echo=False)
+    rows = read_stats(root / "sit" / "stats.jsonl")
+    den, cos = _last(rows, "denoise"), _last(rows, "cos")
+    return {
+        "run": str(root / "sit"),
+        "denoise": den,
+        "repa_cos": cos,
+        "summary": f"{cfg.sit.model} ({cfg.sit.depth} x {cfg.sit.width}) + REPA, {cfg.sit.steps} steps x "
+        f"{cfg.sit.batch_size}: denoising loss {den:.4f}, REPA cosine {cos:.3f}",
+    }
+
+
+def sample_stage(cfg: DemoConfig, root: Path, sit_run: str, progress: bool) -> dict[str, Any]:
+    from ..diffusion.generate import generate
+    from ..diffusion.sampling import SamplerConfig
+
+    out: dict[str, Any] = {"npz": {}}
+    sc = cfg.sample
+    for scale in dict.fromkeys((1.0, sc.cfg_scale)):
+        sampler = SamplerConfig(steps=sc.steps, cfg_scale=scale, guidance_high=sc.guidance_high)
+        npz = generate(
+            sit_run,
+            sc.num_samples,
+            sampler,
+            root / "samples",
+            seed=cfg.seed,
+            label_sampling="equal",
+            device=cfg.device,
+            progress=progress,
+        )
+        out["npz"][f"{scale:g}"] = str(npz)
+    out["summary"] = f"{sc.num_samples} samples per setting, Euler ODE {sc.steps} steps, CFG " + " and ".join(
+        out["npz"]
+    )
+    return out
+
+
+def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[str, str]) -> dict[str, Any]:
+    from ..data.shapes import ShapesDataset, scene_config
+    from ..losses.lpips import build_lpips
+    from ..metrics.features import FeatureExtractor
+    from ..metrics.recon import ReconMetrics, reconstruct
+    from ..models.vae_io import load_vae
+    from ..runtime.distributed import resolve_device
+    from .figures import save_image_grid
+    from .quality import Judge, render
+
+    device = resolve_device(cfg.device)
+
+    def shapes(offset: int) -> ShapesDataset:  # dataset seeds the training stages never used
+        return ShapesDataset(scene_config(d.scene, resolution=d.resolution, seed=cfg.seed + offset))
+
+    d, e = cfg.data, cfg.eval
+    fx = FeatureExtractor(d.teacher, resolution=d.resolution, input_size=d.teacher_input, device=device)
+    probe_set = shapes(2)
+    n_tr, n_te = e.probe_train, e.probe_test
+    judge = Judge(
+        fx,
+        render(shapes(1), range(e.ref_images)),
+        render(probe_set, range(n_tr)),
+        render(probe_set, range(n_tr, n_tr + n_te)),
+        seed=cfg.seed,
+    )
+    # reconstructions of other unseen images (posterior mean), against the same reference
+    vae = load_vae(vae_export).to(device)
+    metrics = ReconMetrics(build_lpips(net="alex").to(device))
+    originals, recons = [], []
+    for x, y in reconstruct(vae, shapes(3), e.ref_images, 64, device):
+        metrics.update(x, y)
+        originals.append(x)
+        recons.append(y)
+    orig, rec = torch.cat(originals), torch.cat(recons)
+    recon_set = shapes(3)
+    labels = np.array([recon_set[i][1] for i in range(e.ref_images)])
+    recon_scores = judge.scores(rec, labels)
+    real_scores = judge.scores(orig, labels)  # the floor: other real images of the same size
+    k = min(16, len(orig))
+    save_image_grid(torch.cat([orig[:k], rec[:k]]), root / "figures" / "reconstructions.png", nrow=k)
+    result: dict[str, Any] = {
+        "metric": judge.metric_name,
+        "probe_real_accuracy": judge.real_accuracy,
+        "num_classes": judge.num_classes,
+        "real": real_scores,
+        "recon": {**recon_scores, **metrics.result()},
+        "samples": {},
+    }
+    for scale, path in samples.items():
+        with np.load(path) as z:
+            images, y = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2), z["arr_1"]
+        result["samples"][scale] = judge.scores(images, y)
+        save_class_grid(images, y, judge.num_classes, root / "figures" / f"samples_cfg{scale}.png")
+    guided = result["samples"][f"{cfg.sample.cfg_scale:g}"]
+    result["bar"] = {
+        "class_accuracy >= 0.6": guided["class_accuracy"] >= 0.6,
+        "sample FD <= 3 x recon FD": guided["fd"] <= 3 * recon_scores["fd"],
+    }
+    name = judge.metric_name
+    result["summary"] = (
+        f"CFG {cfg.sample.cfg_scale:g}: {name} {guided['fd']:.2f}, "
+        f"class accuracy {guided['class_accuracy']:.0%} "
+        f"(real {judge.real_accuracy:.0%}, chance {1 / judge.num_classes:.1%}); recon {name} "
+        f"{recon_scores['fd']:.2f}, PSNR {result['recon']['psnr']:.2f} dB"
+    )
+    return result
+
+
+def save_class_grid(images: torch.Tensor, labels: np.ndarray, num_classes: int, path: Path, per_row: int = 8):
+    """One row per class: the first `per_row` samples of each (uint8 (N, 3, H, W))."""
+    from .figures import save_image_grid
+
+    rows = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)[:per_row]
+        row = images[idx]
+        if len(row) < per_row:  # pad a short row with black
+            row = torch.cat([row, torch.zeros(per_row - len(row), *images.shape[1:], dtype=images.dtype)])
+        rows.append(row)
+    save_image_grid(torch.cat(rows), path, nrow=per_row)
+
+
+def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:
+    from ..analysis.report import probe_models
+
+    report = probe_models(
+        root / "probe",
+        vaes=[(f"{cfg.vae.align}-vae", vae_export), (f"random-{cfg.vae.arch}", cfg.vae.arch)],
+        pixels=True,
+        data="shapes",
+        num_images=cfg.eval.attr_images,
+        resolution=cfg.data.resolution,
+        seed=cfg.seed,
+        shapes_scene=cfg.data.scene,
+        teacher=None,
+        device=cfg.device,
+        progress=progress,
+        echo=False,
+    )
+    summary = {k: r["summary"] for k, r in report["results"].items()}
+    top5 = ", ".join(f"{k} {s.get('top5_recall', float('nan')):.3f}" for k, s in summary.items())
+    return {"results": summary, "summary": f"attribute top-5 recall: {top5}"}
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    cfg: DemoConfig, output_dir: str | Path = "runs/demo", *, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or continue) the demo in `output_dir`; returns {stage: record} and writes the report."""
+    from .demo_report import write_report
+
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    st = Stages(root)
+    rec: dict[str, Any] = {}
+    rec["pretrain"] = st.run("pretrain", lambda: train_vae_stage(cfg, root), stage_settings(cfg, "pretrain"))
+    init = rec["pretrain"]["export"]
+    rec["vae"] = st.run("vae", lambda: train_vae_stage(cfg, root, init), stage_settings(cfg, "vae"))
+    vae_export = rec["vae"]["export"]
+    rec["latents"] = st.run(
+        "latents", lambda: cache_stage(cfg, root, vae_export, progress), stage_settings(cfg, "latents")
+    )
+    rec["sit"] = st.run(
+        "sit",
+        lambda: train_sit_stage(cfg, root, rec["latents"]["store"], vae_export),
+        stage_settings(cfg, "sit"),
+    )
+    rec["samples"] = st.run(
+        "samples",
+        lambda: sample_stage(cfg, root, rec["sit"]["run"], progress),
+        stage_settings(cfg, "samples"),
+    )
+    rec["evaluate"] = st.run(
+        "evaluate",
+        lambda: evaluate_stage(cfg, root, vae_export, rec["samples"]["npz"]),
+        stage_settings(cfg, "evaluate"),
+    )
+    rec["probe"] = st.run(
+        "probe", lambda: probe_stage(cfg, root, vae_export, progress), stage_settings(cfg, "probe")
+    )
+    html, md = write_report(cfg, root, rec)
+    st.echo(f"[report] {html} and {md}")
+    return {"stages": rec, "report": str(html), "config": dataclasses.asdict(cfg)}

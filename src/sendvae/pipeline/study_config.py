@@ -1,0 +1,82 @@
+"""What `sendvae study` runs, per scale (``--scale``): the paper's comparison, scaled down.
+
+Design (Send-VAE Sec. 4, at toy scale): one plain VAE is pre-trained once (no alignment); from that
+same initialisation every variant is fine-tuned for the same number of steps with its own alignment
+(`--loss.align`: none = the plain fine-tune, repa = the MLP on the clean latent, vf = VA-VAE's VF loss,
+sendvae = mapper + noise injection, reals, repae); then the same SiT recipe trains on each variant's
+latent store, and its samples are scored at several points of SiT training (convergence speed, not
+only the end point). Every (variant, seed) pair is one run; the seed changes the fine-tune's and the
+SiT's random draws, not the shared initialisation.
+
+Compute: each fine-tune takes `base.vae.steps` steps of the same batch size. For `repae`, which also
+trains a SiT beside the VAE, that SiT is extra work inside the fine-tune (its VAE steps cost ~1.2x a
+sendvae step on CPU, BENCHMARKS.md); the SiT that is scored is, as for every variant, a fresh one
+trained by the common recipe on the variant's cached latents (REPA-E's own protocol for its E2E-VAE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, DemoSiT, DemoVAE
+
+VARIANTS = ("none", "repa", "vf", "sendvae", "reals", "repae")
+
+
+@dataclass
+class StudyConfig:
+    scale: str = option("cpu", "the scale this config started from")
+    variants: tuple[str, ...] = option(VARIANTS, "alignment variants compared (train-vae --loss.align)")
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds: one fine-tune + SiT per (variant, seed)")
+    eval_points: int = option(3, "SiT checkpoints scored (evenly spaced, the last at the end)")
+    score: str = option("top5_recall", "attribute-probe score correlated with the final gFD")
+    claim: str = option("sendvae", "the variant whose claims the verdict checks (the paper's)")
+    # the stages' settings (vae.pretrain_steps: the shared VAE; vae.steps: every fine-tune; vae.align is
+    # replaced by each variant)
+    base: DemoConfig = option(DemoConfig(), "the stages' settings")
+
+
+def _cpu() -> StudyConfig:
+    # The demo's stages (pipeline.demo_config, cpu), the SiT cut to 450 steps and the samples to 200 per
+    # point at 16 Euler steps: 6 variants x 3 seeds = 18 runs of ~4 min on 2 cores.
+    base = DemoConfig(
+        scale="study-cpu",
+        sit=DemoSiT(steps=450),
+        sample=DemoSample(num_samples=200, steps=16),
+        eval=DemoEval(ref_images=1000, probe_train=2000, probe_test=500, attr_images=1500),
+    )
+    return StudyConfig(scale="cpu", base=base)
+
+
+def _gpu() -> StudyConfig:
+    base = DemoConfig(
+        scale="study-gpu",
+        vae=DemoVAE(pretrain_steps=3000, steps=2000, batch_size=64, lpips_weight=0.1),
+        latents=DemoLatents(num_images=20000),
+        sit=DemoSiT(depth=6, width=256, steps=6000, batch_size=256),
+        sample=DemoSample(num_samples=2000),
+        eval=DemoEval(ref_images=5000, probe_train=5000, probe_test=1000, attr_images=5000),
+    )
+    return StudyConfig(scale="gpu", eval_points=5, base=base)
+
+
+def _ci() -> StudyConfig:
+    base = DemoConfig(
+        scale="study-ci",
+        vae=DemoVAE(pretrain_steps=8, steps=6),
+        latents=DemoLatents(num_images=128),
+        sit=DemoSiT(steps=12, batch_size=16, warmup=2),
+        sample=DemoSample(num_samples=32, steps=4),
+        eval=DemoEval(ref_images=64, probe_train=160, probe_test=48, attr_images=120),
+    )
+    return StudyConfig(scale="ci", variants=("none", "sendvae"), seeds=(0,), eval_points=2, base=base)
+
+
+SCALES = {"cpu": _cpu, "gpu": _gpu, "ci": _ci}
+
+
+def study_config(scale: str = "cpu") -> StudyConfig:
+    if scale not in SCALES:
+        raise ValueError(f"unknown study scale {scale!r}; choose from {', '.join(SCALES)}")
+    return SCALES[scale]()

@@ -1,0 +1,129 @@
+"""`sendvae demo` end to end at its reduced scale: every report image and metric; resume between stages."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sendvae.cli import main
+from sendvae.pipeline.stages import STOP_AFTER_ENV, Stages, StageSettingsError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STAGES = ["pretrain", "vae", "latents", "sit", "samples", "evaluate", "probe"]
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _finite_numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--scale", "ci", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    # killed right after the sit stage was recorded
+    r = subprocess.run([sys.executable, "-m", "sendvae.cli", *argv], env={**ENV, STOP_AFTER_ENV: "sit"},
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert sorted(p.stem for p in (out / "stages").glob("*.json")) == ["latents", "pretrain", "sit", "vae"]
+    assert not (out / "report.html").exists()
+    vae_ckpts = {p: p.stat().st_mtime_ns for p in (out / "vae" / "checkpoints").glob("*.pt")}
+    sit_export = (out / "sit" / "export" / "sit" / "model.safetensors").stat().st_mtime_ns
+
+    assert main(argv) == 0  # continues: the finished stages are loaded, not run
+    err = capsys.readouterr().err
+    for name in ("pretrain", "vae", "latents", "sit"):
+        assert f"[{name}] done earlier" in err
+    for name in ("samples", "evaluate", "probe"):
+        assert f"[{name}] done earlier" not in err and f"[{name}] ..." in err
+    assert {p: p.stat().st_mtime_ns for p in vae_ckpts} == vae_ckpts
+    assert (out / "sit" / "export" / "sit" / "model.safetensors").stat().st_mtime_ns == sit_export
+
+    # the report: every figure exists, is inlined in the HTML and linked from the Markdown
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(figures) >= 5
+    for rel in figures:
+        assert (out / rel).is_file() and (out / rel).stat().st_size > 1000, rel
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert "src='http" not in html and 'src="http' not in html  # self-contained
+    for name in ("reconstructions", "samples_cfg1", "samples_cfg3", "curves"):
+        assert f"figures/{name}.png" in md
+    # every metric finite
+    ev = json.loads((out / "stages" / "evaluate.json").read_text())
+    for key in ("fd", "class_accuracy"):
+        for scale in ("1", "3"):
+            assert math.isfinite(ev["samples"][scale][key])
+    for key in ("fd", "psnr", "ssim", "lpips"):
+        assert math.isfinite(ev["recon"][key])
+    assert 0.5 < ev["probe_real_accuracy"] <= 1.0  # the class probe works on real images
+    probe = json.loads((out / "stages" / "probe.json").read_text())
+    assert set(probe["results"]) == {"sendvae-vae", "random-tiny-f4d16", "pixels"}
+    assert all(math.isfinite(v) for v in _finite_numbers(probe["results"]))
+
+    # a third run does nothing but rewrite the report; other settings for a finished stage are refused
+    assert main(argv) == 0
+    assert all(f"[{name}] done earlier" in capsys.readouterr().err for name in STAGES)
+    assert main([*argv, "--vae.steps", "31"]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "stage 'pretrain' finished earlier with other settings (vae)" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_stage_records_refuse_other_settings(tmp_path):
+    st = Stages(tmp_path, echo=lambda line: None)
+    calls = []
+    rec = st.run("a", lambda: calls.append(1) or {"summary": "ok", "value": 1.5}, {"n": 3})
+    assert rec["value"] == 1.5 and calls == [1]
+    assert st.run("a", lambda: calls.append(2) or {"summary": "x"}, {"n": 3})["value"] == 1.5
+    assert calls == [1]  # loaded, not run again
+    with pytest.raises(StageSettingsError, match="stage 'a' finished earlier with other settings \\(n\\)"):
+        st.run("a", lambda: {"summary": "x"}, {"n": 4})
+
+
+@pytest.mark.slow
+def test_gpu_scale_builds_every_stage(tmp_path):
+    """The --scale gpu configuration (64 px full scenes, 128 px teacher, SiT/2), cut to a few steps on CPU."""
+    small = {"--vae.pretrain_steps": 2, "--vae.steps": 2, "--latents.num_images": 32, "--sit.steps": 2,
+             "--sit.batch_size": 8, "--sample.num_samples": 16, "--sample.steps": 2, "--eval.ref_images": 16,
+             "--eval.probe_train": 48, "--eval.probe_test": 16, "--eval.attr_images": 40}  # fmt: skip
+    argv = ["demo", "--scale", "gpu", "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main([*argv, *[str(s) for kv in small.items() for s in kv]]) == 0
+    ev = json.loads((tmp_path / "stages" / "evaluate.json").read_text())
+    assert (tmp_path / "report.html").is_file() and math.isfinite(ev["recon"]["psnr"])
+    cfg = json.loads((tmp_path / "sit" / "config.json").read_text())
+    assert (
+        cfg["model"]["model"] == "SiT-S/2"
+        and json.loads((tmp_path / "latents" / "manifest.json").read_text())["dataset"]["resolution"] == 64
+    )
+
+
+def test_report_page_inlines_every_figure_and_refuses_a_missing_one(tmp_path):
+    import torch
+
+    from sendvae.pipeline.figures import save_image_grid
+    from sendvae.pipeline.report_page import Page
+
+    img = tmp_path / "figures" / "grid.png"
+    save_image_grid(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), img, nrow=2)
+    page = Page("t")
+    page.text("a `code` <b>not html</b>")
+    page.figure(img, "a grid", "`sendvae demo`")
+    page.table(["k", "v"], [["fd", "1.5"], ["x", "1.0 +- 0.1"]])
+    page.write(tmp_path / "r.html", tmp_path / "r.md")
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "&lt;b&gt;not html&lt;/b&gt;" in html
+    assert "<code>code</code>" in html and html.count("class='num'") == 2
+    assert "](figures/grid.png)" in (tmp_path / "r.md").read_text()
+    with pytest.raises(FileNotFoundError, match="was not written"):
+        page.figure(tmp_path / "missing.png", "x", "y")
