@@ -68,7 +68,7 @@ def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
         assert math.isfinite(ev["recon"][key])
     assert 0.5 < ev["probe_real_accuracy"] <= 1.0  # the class probe works on real images
     probe = json.loads((out / "stages" / "probe.json").read_text())
-    assert set(probe["results"]) == {"sendvae-vae", "random-tiny-f4d16", "pixels"}
+    assert set(probe["results"]) == {"sendvae-vae", "random-tiny-f4d4", "pixels"}
     assert all(math.isfinite(v) for v in _finite_numbers(probe["results"]))
 
     # a third run does nothing but rewrite the report; other settings for a finished stage are refused
