@@ -73,7 +73,8 @@ def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
 
     # a third run does nothing but rewrite the report; other settings for a finished stage are refused
     assert main(argv) == 0
-    assert all(f"[{name}] done earlier" in capsys.readouterr().err for name in STAGES)
+    err = capsys.readouterr().err
+    assert all(f"[{name}] done earlier" in err for name in STAGES)
     assert main([*argv, "--vae.steps", "31"]) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert "stage 'pretrain' finished earlier with other settings (vae)" in lines[-1]

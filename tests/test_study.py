@@ -33,7 +33,7 @@ def test_study_runs_every_variant_from_one_init_and_resumes(tmp_path, capsys):
     assert main(argv) == 0  # a rerun loads every finished stage
     err = capsys.readouterr().err
     assert "[pretrain] done earlier" in err
-    assert err.count("] done earlier") == 1 + 2 * 5  # pretrain + (vae, latents, sit, scores, vae-scores) x 2
+    assert err.count("] done earlier") == 2 + 2 * 6  # pretrain, heads + (vae ... downstream) x 2
 
 
 def _run(variant, seed, gfd, probe):

@@ -99,13 +99,16 @@ def train_downstream(
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device = "auto",
+    scene: str = "full",
+    teacher_input: int | None = None,
 ) -> Path:
     """Train heads on teacher tokens of shapes 0 .. num_images - 1 -> OUTPUT/heads.{safetensors,json}.
 
     vae: a train-vae export folder: the teacher (name, input size, weights) and resolution its alignment
-    head was aligned to; else ``enc_type`` (default: the embedded teacher) at ``resolution``.
+    head was aligned to; else ``enc_type`` (default: the embedded teacher) at ``resolution``, with input
+    side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene (`data.shapes.SCENES`).
     """
-    from ..data.shapes import ShapesDataset
+    from ..data.shapes import ShapesDataset, scene_config
     from ..teachers import DEFAULT_TEACHER
     from ..train.alignment import load_exported_head
 
@@ -124,14 +127,14 @@ def train_downstream(
     else:
         meta = {
             "teacher": enc_type or DEFAULT_TEACHER,
-            "teacher_input_size": None,
+            "teacher_input_size": teacher_input,
             "teacher_weights": teacher_weights,
             "resolution": resolution,
         }
     teacher = build_heads_teacher(meta, teacher_weights, dev)
     res = int(meta["resolution"])
     grid = teacher.grid_size(res)
-    ds = ShapesDataset(resolution=res, seed=seed)
+    ds = ShapesDataset(scene_config(scene, resolution=res, seed=seed))
     images, seg, depth = shapes_targets(ds, range(num_images))
     tokens = _teacher_tokens(teacher, images, batch_size, dev)
     heads, logs = train_heads(
@@ -141,6 +144,7 @@ def train_downstream(
         teacher_dim=teacher.embed_dim,
         class_names=["background", *ds.class_names],
         data="shapes",
+        scene=scene,
         data_seed=seed,
         num_images=num_images,
         head_steps=steps,
@@ -213,7 +217,7 @@ def run_downstream(
     preview: int = 0,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The scores of every source (and the first `preview` images with their predictions, for a grid)."""
-    from ..data.shapes import ShapesDataset
+    from ..data.shapes import ShapesDataset, scene_config
     from ..data.transforms import to_float
     from ..models.vae_io import load_vae
     from ..train.alignment import load_exported_head
@@ -230,7 +234,9 @@ def run_downstream(
     teacher = build_heads_teacher(hmeta, teacher_weights, dev)
     vae = load_vae(vae_export).to(dev).requires_grad_(False)
     gen = _Generated(sit, vae, latent_stats, sampler, seed, dev, res) if sit is not None else None
-    ds = ShapesDataset(resolution=res, seed=hmeta.get("data_seed", 0))
+    ds = ShapesDataset(
+        scene_config(hmeta.get("scene", "full"), resolution=res, seed=hmeta.get("data_seed", 0))
+    )
     meters = {s: SegDepthMeter(heads.num_classes) for s in SOURCES if s != "vae-generated" or gen}
     shown: dict[str, list[torch.Tensor]] = {}
 

@@ -121,6 +121,37 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, judge: Judge, reco
     return out
 
 
+def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
+    """Segmentation / depth heads on the teacher's tokens of real images (the study's scene and teacher)."""
+    from ..analysis.downstream import train_downstream
+
+    d = cfg.base.data
+    n = cfg.base.eval.probe_train
+    out = train_downstream(root / "heads", enc_type=d.teacher, resolution=d.resolution,
+                           teacher_input=d.teacher_input, scene=d.scene, num_images=n, seed=1004,
+                           device=cfg.base.device)  # fmt: skip
+    return {
+        "heads": str(out),
+        "summary": f"downstream heads on the teacher tokens of {cfg.base.eval.probe_train} images",
+    }
+
+
+def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str) -> dict[str, Any]:
+    """mIoU / AbsRel / delta<1.25 of the heads read through the variant's alignment head from encoded real
+    images (NaN for a variant that exports no read-out head)."""
+    from ..analysis.downstream import downstream_scores
+    from ..train.alignment import ALIGNMENTS
+
+    keys = ("miou", "fg_iou", "abs_rel", "delta1")
+    if ALIGNMENTS[variant].load is None:
+        return {**{k: float("nan") for k in keys}, "summary": "no read-out head exported"}
+    s = downstream_scores(vae_export, heads, num_images=256, device=cfg.base.device)["scores"]
+    out = {k: float(s["vae-real"][k]) for k in keys}
+    out["teacher_miou"] = float(s["teacher-real"]["miou"])
+    out["summary"] = f"through its head: mIoU {out['miou']:.3f}, delta<1.25 {out['delta1']:.3f}"
+    return out
+
+
 def build_judge(cfg: StudyConfig) -> tuple[Judge, Any]:
     """The shared yardstick: FD reference and class probe on real images no run trains on, and the
     held-out images every VAE reconstructs."""
@@ -160,19 +191,20 @@ def run_study(
     st = Stages(root)
     init = st.run("pretrain", lambda: train_vae_stage(cfg.base, root), common)["export"]
     judge, recon_set = build_judge(cfg)
+    heads = st.run("heads", lambda: _train_heads(cfg, root), common)["heads"]
     st.echo(f"[judge] class probe on real images: {judge.real_accuracy:.0%} held-out accuracy")
     runs: dict[str, dict[str, Any]] = {}
     for seed in cfg.seeds:  # seed-major: a shortened study still has every variant
         for variant in cfg.variants:
             name = run_name(variant, seed)
             runs[name] = _one_run(
-                cfg, root / "runs" / name, variant, seed, init, judge, recon_set, st, progress
+                cfg, root / "runs" / name, variant, seed, init, judge, recon_set, st, progress, heads
             )
     return write_study_report(cfg, root, runs, judge.metric_name, judge.real_accuracy)
 
 
 def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, judge: Judge, recon_set, st: Stages,
-             progress: bool) -> dict[str, Any]:  # fmt: skip
+             progress: bool, heads: str) -> dict[str, Any]:  # fmt: skip
     """Fine-tune, cache, SiT, scores of one (variant, seed), each a recorded stage of the run's folder."""
     name = run_name(variant, seed)
     rst = Stages(rdir, echo=lambda line: st.echo(f"{name} {line}"))
@@ -186,7 +218,9 @@ def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, judge: Judge, 
                                            keep=cfg.eval_points + 1), sit_key)  # fmt: skip
     gen = rst.run("scores", lambda: _score_sit(cfg, rdir, judge, progress), sit_key)
     vae_scores = rst.run("vae-scores", lambda: _score_vae(cfg, rdir, vae, judge, recon_set), key)
-    return {"variant": variant, "seed": seed, **_strip(gen), **_strip(vae_scores)}
+    down = rst.run("downstream", lambda: _downstream(cfg, variant, vae, heads), key)
+    return {"variant": variant, "seed": seed, **_strip(gen), **_strip(vae_scores),
+            "downstream": _strip(down)}  # fmt: skip
 
 
 def _strip(rec: dict[str, Any]) -> dict[str, Any]:

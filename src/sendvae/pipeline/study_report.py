@@ -24,7 +24,13 @@ COLUMNS = {
     "rfd": ("rFD of the VAE", True),
     "psnr": ("PSNR of the VAE (dB)", False),
     "probe_score": ("attribute-probe score", False),
+    "seg_miou": ("segmentation mIoU through the alignment head", False),
+    "depth_delta1": ("depth delta<1.25 through the alignment head", False),
 }
+
+
+def _ms(v: tuple[float, float]) -> str:
+    return "-" if math.isnan(v[0]) else f"{v[0]:.3f} +- {v[1]:.3f}"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -53,6 +59,9 @@ def _value(run: dict[str, Any], col: str) -> float:
         return float(run["gfd"][-1])
     if col == "probe_score":
         return float(run["probe"][run["score"]])
+    if col in ("seg_miou", "depth_delta1"):
+        d = run.get("downstream") or {}
+        return float(d.get("miou" if col == "seg_miou" else "delta1", float("nan")))
     return float(run[col])
 
 
@@ -155,6 +164,8 @@ def write_study_report(
         "rFD",
         "PSNR",
         cfg.score,
+        "seg mIoU",
+        "depth d<1.25",
     ]
     rows = []
     for variant, row in agg.items():
@@ -165,6 +176,8 @@ def write_study_report(
             f"{row['rfd'][0]:.1f} +- {row['rfd'][1]:.1f}",
             f"{row['psnr'][0]:.2f} +- {row['psnr'][1]:.2f}",
             f"{row['probe_score'][0]:.3f} +- {row['probe_score'][1]:.3f}",
+            _ms(row["seg_miou"]),
+            _ms(row["depth_delta1"]),
         ]
         rows.append(cells)
     md = [
@@ -204,6 +217,8 @@ def write_study_report(
                 "rfd",
                 "psnr",
                 cfg.score,
+                "seg_miou",
+                "depth_delta1",
             ]
         )
         for name, r in runs.items():
@@ -218,6 +233,8 @@ def write_study_report(
                     f"{r['rfd']:.4f}",
                     f"{r['psnr']:.4f}",
                     f"{_value(r, 'probe_score'):.4f}",
+                    f"{_value(r, 'seg_miou'):.4f}",
+                    f"{_value(r, 'depth_delta1'):.4f}",
                 ]
             )
     report = {
