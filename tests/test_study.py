@@ -53,3 +53,15 @@ def test_verdict_reads_the_numbers_not_the_hopes():
     assert lines[0].startswith("sendvae does NOT have the best (lowest) final gFD")
     assert "sendvae has the best attribute-probe score" in lines[2]
     assert "no negative correlation" in lines[3]
+
+
+def test_each_variant_trains_with_its_papers_alignment_weight():
+    from sendvae.pipeline.study import _variant
+    from sendvae.train.vae_config import PRESETS
+
+    cfg = study_config("cpu")
+    weights = {v: _variant(cfg, v, 1).vae.align_weight for v in cfg.variants}
+    assert weights["vf"] == PRESETS.build("vavae-f16d32").loss.align_weight == 0.1  # VA-VAE
+    assert weights["repae"] == PRESETS.build("repae-f16d32").loss.align_weight == 1.5  # REPA-E
+    assert weights["sendvae"] == weights["repa"] == weights["none"] == 1.0
+    assert _variant(cfg, "vf", 1).seed == 1 and _variant(cfg, "vf", 1).vae.align == "vf"

@@ -24,7 +24,7 @@ from ..config import to_dict
 from .demo import cache_stage, train_sit_stage, train_vae_stage
 from .quality import Judge
 from .stages import Stages
-from .study_config import StudyConfig
+from .study_config import StudyConfig, paper_align_weight
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -33,7 +33,9 @@ def run_name(variant: str, seed: int) -> str:
 
 def _variant(cfg: StudyConfig, variant: str, seed: int):
     """The stages' config of one run: the study's base with the variant's alignment and the run's seed."""
-    return dataclasses.replace(cfg.base, seed=seed, vae=dataclasses.replace(cfg.base.vae, align=variant))
+    weight = paper_align_weight(variant, cfg.base.vae.align_weight)
+    vae = dataclasses.replace(cfg.base.vae, align=variant, align_weight=weight)
+    return dataclasses.replace(cfg.base, seed=seed, vae=vae)
 
 
 def eval_steps(cfg: StudyConfig) -> list[int]:

@@ -22,6 +22,18 @@ from ..config import option
 from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, DemoSiT, DemoVAE
 
 VARIANTS = ("none", "repa", "vf", "sendvae", "reals", "repae")
+# Each variant's lambda_align is its own paper's, read from its train-vae preset (VA-VAE 0.1 with the
+# adaptive weight, REPA-E 1.5, the others 1.0); a variant without a preset keeps base.vae.align_weight.
+PAPER_PRESETS = {"repa": "repa-align-f16d32", "vf": "vavae-f16d32", "sendvae": "sendvae-f16d32",
+                 "reals": "reals-f16d32", "repae": "repae-f16d32"}  # fmt: skip
+
+
+def paper_align_weight(variant: str, default: float) -> float:
+    """lambda_align of `variant` in its paper's preset (train/vae_config.py), else `default`."""
+    from ..train.vae_config import PRESETS
+
+    preset = PAPER_PRESETS.get(variant)
+    return PRESETS.build(preset).loss.align_weight if preset else default
 
 
 @dataclass
