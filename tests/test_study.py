@@ -34,6 +34,13 @@ def test_study_runs_every_variant_from_one_init_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[pretrain] done earlier" in err
     assert err.count("] done earlier") == 2 + 2 * 6  # pretrain, heads + (vae ... downstream) x 2
+    # an interrupted study's report so far: only the finished runs
+    import shutil
+
+    shutil.rmtree(out / "runs" / "sendvae-s0" / "stages")
+    assert main([*argv, "--report-only"]) == 0
+    assert set(json.loads((out / "study.json").read_text())["runs"]) == {"none-s0"}
+    assert main(["study", "--scale", "ci", "--output-dir", str(tmp_path / "empty"), "--report-only"]) != 0
 
 
 def _run(variant, seed, gfd, probe):

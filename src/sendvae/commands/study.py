@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--progress", action="store_true", help="progress bars of the sampling stages")
+    p.add_argument(
+        "--report-only", action="store_true", help="run nothing: tabulate the runs that finished so far"
+    )
     base = study_config("cpu")
     p.add_argument(
         "--variants", help=f"alignment variants, comma-separated (default: {','.join(base.variants)})"
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_config(cfg))
         return 0
-    report = run_study(cfg, args.output_dir, progress=args.progress)
+    report = run_study(cfg, args.output_dir, progress=args.progress, report_only=args.report_only)
     print(f"study: {args.output_dir}/study.md")
     for line in report["verdict"]:
         print(f"  {line}")

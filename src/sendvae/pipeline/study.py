@@ -181,9 +181,16 @@ def build_judge(cfg: StudyConfig) -> tuple[Judge, Any]:
 
 
 def run_study(
-    cfg: StudyConfig, output_dir: str | Path = "runs/study", *, progress: bool = False
+    cfg: StudyConfig,
+    output_dir: str | Path = "runs/study",
+    *,
+    progress: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or continue) the study in `output_dir`; returns the aggregated results and writes the tables."""
+    """Run (or continue) the study in `output_dir`; returns the aggregated results and writes the tables.
+
+    report_only: run nothing; tabulate the runs that finished (an interrupted study's report so far).
+    """
     from .study_report import write_study_report
 
     root = Path(output_dir)
@@ -191,6 +198,8 @@ def run_study(
     settings = to_dict(cfg)
     common = {"base": settings["base"]}
     st = Stages(root)
+    if report_only and not (st.done("pretrain") and st.done("heads")):
+        raise ValueError(f"{root}: no study has run here yet; run `sendvae study --output-dir {root}`")
     init = st.run("pretrain", lambda: train_vae_stage(cfg.base, root), common)["export"]
     judge, recon_set = build_judge(cfg)
     heads = st.run("heads", lambda: _train_heads(cfg, root), common)["heads"]
@@ -199,9 +208,13 @@ def run_study(
     for seed in cfg.seeds:  # seed-major: a shortened study still has every variant
         for variant in cfg.variants:
             name = run_name(variant, seed)
+            if report_only and not Stages(root / "runs" / name).done("downstream"):
+                continue
             runs[name] = _one_run(
                 cfg, root / "runs" / name, variant, seed, init, judge, recon_set, st, progress, heads
             )
+    if not runs:
+        raise ValueError(f"{root}: no run of the study has finished yet")
     return write_study_report(cfg, root, runs, judge.metric_name, judge.real_accuracy)
 
 
