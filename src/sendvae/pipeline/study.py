@@ -148,7 +148,7 @@ def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str) -> 
     if ALIGNMENTS[variant].load is None:
         return {**{k: float("nan") for k in keys}, "summary": "no read-out head exported"}
     s = downstream_scores(vae_export, heads, num_images=256, device=cfg.base.device)["scores"]
-    out = {k: float(s["vae-real"][k]) for k in keys}
+    out: dict[str, Any] = {k: float(s["vae-real"][k]) for k in keys}
     out["teacher_miou"] = float(s["teacher-real"]["miou"])
     out["summary"] = f"through its head: mIoU {out['miou']:.3f}, delta<1.25 {out['delta1']:.3f}"
     return out
