@@ -22,6 +22,7 @@ import dataclasses
 
 from ..analysis.downstream_heads import HEAD_KINDS
 from ..diffusion.sampling import SamplerConfig
+from .sample import add_sampler_arguments
 
 NAME = "downstream"
 HELP = "segmentation and depth heads on teacher features, read from latents through the alignment head"
@@ -53,15 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="images (default: train 2000, eval 256, predict 16)",
     )
     p.add_argument("--grid-images", type=int, default=8, help="eval: columns of downstream.png (0: none)")
-    for f in dataclasses.fields(SamplerConfig):  # the SiT sampler, as `sendvae sample` spells it
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=type(f.default),
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f"--sit sampler: {f.metadata['help']} (default: %(default)s)",
-        )
+    add_sampler_arguments(p, help_prefix="--sit sampler: ")  # as `sendvae sample` spells them
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--seed", type=int, default=0, help="data seed of the heads, SiT seeds (default: 0)")
     p.add_argument("--output-dir", default="downstream", help="output folder (default: %(default)s)")

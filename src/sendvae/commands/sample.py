@@ -21,6 +21,20 @@ NAME = "sample"
 HELP = "sample a SiT with an ODE/SDE sampler and CFG into an ADM .npz (resumable, multi-process)"
 
 
+def add_sampler_arguments(p: argparse.ArgumentParser, help_prefix: str = "") -> None:
+    """One option per SamplerConfig field (--steps, --cfg-scale, ...), spelled the same in every command."""
+
+    for f in dataclasses.fields(SamplerConfig):
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=type(f.default),
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f"{help_prefix}{f.metadata['help']} (default: %(default)s)",
+        )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--exp-path", help="a train-sit run folder (its checkpoints, config and latent store)")
@@ -44,15 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="random",
         help="random labels, or equal: as many of each class (shuffled)",
     )
-    for f in dataclasses.fields(SamplerConfig):
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=type(f.default),
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} (default: %(default)s)",
-        )
+    add_sampler_arguments(p)
     p.add_argument("--output-dir", default="samples", help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
