@@ -242,6 +242,23 @@ def test_resume_accepts_harmless_changes_and_refuses_the_others(tmp_path, capsys
     assert '"max_steps": 3' in (tmp_path / "run" / "config.json").read_text()
 
 
+def test_resume_refuses_fewer_steps_than_the_checkpoint(tmp_path, capsys):
+    """--max-steps below the checkpoint's step would record a 2-step config over a 4-step model: refused in
+    one line, nothing rewritten. The same length just exports again."""
+    assert main(["train-vae", *tiny_train_args(tmp_path, steps=4)]) == 0
+    config = (tmp_path / "run" / "config.json").read_text()
+    export = tmp_path / "run" / "export" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = export.read_bytes()
+    capsys.readouterr()
+    assert main(["train-vae", *tiny_train_args(tmp_path, steps=2)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "step 4" in err[0] and "2 steps" in err[0] and "--optim.max_steps" in err[0], err
+    assert (tmp_path / "run" / "config.json").read_text() == config
+    assert export.read_bytes() == weights
+    assert main(["train-vae", *tiny_train_args(tmp_path, steps=4)]) == 0
+    assert _state(tmp_path / "run")["step"] == 4 and export.read_bytes() == weights
+
+
 def test_failed_start_does_not_poison_the_folder(tmp_path):
     assert (
         main(["train-vae", *tiny_train_args(tmp_path, steps=1), "--vae-ckpt", str(tmp_path / "typo.pt")]) == 2

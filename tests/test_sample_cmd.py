@@ -30,7 +30,10 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A train-sit run folder: a checkpoint with the trainer's keys, over a real 4x8x8 latent store."""
-    root = tmp_path_factory.mktemp("sample")
+    return _tiny_sit_run(tmp_path_factory.mktemp("sample"))
+
+
+def _tiny_sit_run(root: Path) -> Path:
     store = root / "store"
     args = ["cache-latents", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32",
             "--num-images", "16", "--output-dir", str(store), "--workers", "0", "--no-progress"]  # fmt: skip
@@ -104,6 +107,7 @@ def test_two_processes_equal_one_and_resume_skips_parts(run_dir, tmp_path):
     marked = np.full((3, 32, 32, 3), 7, dtype=np.uint8)
     np.savez(parts / "part-0000000.npz", images=marked, labels=np.zeros(3, dtype=np.int64),
              indices=np.array([0, 1, 2]))  # fmt: skip
+    shutil.copy(res / f"{NAME}.json", parts / "settings.json")  # parts of this very sample set
     assert main(_args(run_dir, res)) == 0
     with np.load(res / f"{NAME}.npz") as z:
         assert (z["arr_0"][:3] == 7).all()  # skipped, taken from the part
@@ -133,6 +137,85 @@ def test_clear_errors(run_dir, tmp_path, capsys):
     assert a.name.startswith("samples_export_3ode_euler_cfg1_")
     with np.load(a) as za, np.load(b) as zb:
         assert np.abs(za["arr_0"].astype(int) - zb["arr_0"]).max() <= 1
+
+
+def _export_sit(run_dir: Path, folder: Path, seed: int) -> str:
+    """The run's SiT moved by noise of `seed`, exported to `folder`; returns its latent store's path."""
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    sit = SiT(SiTConfig.from_dict(state["model_config"]))
+    sit.load_state_dict(state["ema"])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sit.save_pretrained(folder)
+    return state["config"]["data"]["store"]
+
+
+def _export_args(export: Path, store: str, out: Path) -> list[str]:
+    return ["--model", str(export), "--vae", "tiny-f4d4", "--latent-stats", store, "--num-samples", "4",
+            "--batch-size", "2", "--steps", "2", "--output-dir", str(out), "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and "--output-dir" in lines[0], err
+    return lines[0]
+
+
+def test_samples_of_another_model_are_never_reused(run_dir, tmp_path, capsys):
+    """Every SiT export folder is named `sit`: sampling run B's into the folder that holds run A's samples
+    is refused in one line (it used to return A's samples for B); A's set is reused, untouched."""
+    a, b = tmp_path / "a" / "export" / "sit", tmp_path / "b" / "export" / "sit"
+    store = _export_sit(run_dir, a, seed=1)
+    _export_sit(run_dir, b, seed=2)
+    out = tmp_path / "out"
+    assert main(_export_args(a, store, out)) == 0
+    (npz,) = out.glob("*.npz")
+    before = npz.read_bytes()
+    capsys.readouterr()
+    assert main(_export_args(b, store, out)) == 2
+    _one_line_error(capsys.readouterr().err)
+    assert npz.read_bytes() == before
+    assert main(_export_args(a, store, out)) == 0  # the same model: its finished set
+    assert "nothing to do" in capsys.readouterr().out
+    # A retrained in place (same path, other weights) is another model too
+    _export_sit(run_dir, a, seed=3)
+    assert main(_export_args(a, store, out)) == 2
+    _one_line_error(capsys.readouterr().err)
+    assert main(_export_args(b, store, tmp_path / "out-b")) == 0  # in a folder of its own, B samples
+    for record in (tmp_path / "out-b").glob("*.json"):  # a set without its record cannot be vouched for
+        record.unlink()
+    capsys.readouterr()
+    assert main(_export_args(b, store, tmp_path / "out-b")) == 2
+    assert "no record" in _one_line_error(capsys.readouterr().err)
+
+
+def test_parts_of_another_model_are_never_merged(run_dir, tmp_path, capsys, monkeypatch):
+    """A sample run killed after its first part, then the model at the same path replaced: the parts it left
+    are refused, not merged with the new model's."""
+    import sendvae.diffusion.generate as gen
+
+    sit, out = tmp_path / "export" / "sit", tmp_path / "out"
+    store = _export_sit(run_dir, sit, seed=1)
+    real = gen._write_part
+
+    def killed_after_one(path, **arrays):
+        real(path, **arrays)
+        raise KeyboardInterrupt  # as if killed
+
+    monkeypatch.setattr(gen, "_write_part", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(_export_args(sit, store, out))
+    monkeypatch.setattr(gen, "_write_part", real)
+    (parts,) = out.glob("*.parts")
+    assert len(list(parts.glob("part-*.npz"))) == 1
+    _export_sit(run_dir, sit, seed=2)
+    capsys.readouterr()
+    assert main(_export_args(sit, store, out)) == 2
+    _one_line_error(capsys.readouterr().err)
+    assert not list(out.glob("*.npz"))
 
 
 def test_nan_samples_name_their_indices(run_dir, tmp_path, monkeypatch):

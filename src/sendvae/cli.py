@@ -90,9 +90,13 @@ def command_parser(module) -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input: printed as one clear line, not a traceback."""
     from .runtime.checkpoint import WriteError
+    from .runtime.lock import FolderLockedError
     from .runtime.weights import WeightsError
 
-    return (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, WeightsError, WriteError)
+    return (
+        ValueError, FileNotFoundError, FloatingPointError, ConnectionError, WeightsError, WriteError,
+        FolderLockedError,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,10 @@ Image i uses seed + i (its own generator), so the samples do not depend on the b
 of processes. Rank r makes images r, r + world, ...; every batch is written atomically to
 OUTPUT_DIR/<name>.parts/ and skipped when the command runs again (resume); rank 0 merges the parts into
 OUTPUT_DIR/<name>.npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) and a grid of the first 64 as <name>.png.
-The driver is `sendvae.diffusion.generate.generate`; this module reads the options and calls it.
+<name>.json records the hashes of the SiT's and the VAE's weights, the latent statistics and the settings:
+a finished set (or parts) of another model in OUTPUT_DIR is refused, never reused (use another
+--output-dir). The driver is `sendvae.diffusion.generate.generate`; this module reads the options and
+calls it.
 """
 
 from __future__ import annotations

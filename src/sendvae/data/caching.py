@@ -11,6 +11,7 @@ loop); see `sendvae.data.latent_store` for the format. The work is a fixed plan 
 each rank encodes every world_size-th pending shard and rank 0 writes the manifest (with the float64
 latent statistics, summed in shard order, so 1 and N processes give the same bytes). Calling it again on
 the same folder with the same settings keeps the complete shards (resume); other settings are refused.
+Rank 0 holds the store folder's lock (`runtime.lock`) while it is written: a second start is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..runtime.checkpoint import atomic_write_json
+from ..runtime.lock import rank0_folder_lock
 from . import latent_store as ls
 from .config import DataConfig
 from .latent_store import LatentStore
@@ -138,11 +140,12 @@ def cache_latents(
     dataset, info = dataset_record(data, seed)
     if teacher is not None and teacher_info is None:
         teacher_info = teacher_record(teacher, data.resolution)
-    encode_dataset(
-        vae, dataset, output_dir, dataset_info=info, vae_source=vae_source or "in-memory module",
-        teacher=teacher, teacher_info=teacher_info, shard_size=shard_size, batch_size=batch_size,
-        num_workers=num_workers, precision=precision, dtype=dtype, dist=dist, progress=progress,
-    )  # fmt: skip
+    with rank0_folder_lock(output_dir, dist):  # one writer per store: a second start is refused
+        encode_dataset(
+            vae, dataset, output_dir, dataset_info=info, vae_source=vae_source or "in-memory module",
+            teacher=teacher, teacher_info=teacher_info, shard_size=shard_size, batch_size=batch_size,
+            num_workers=num_workers, precision=precision, dtype=dtype, dist=dist, progress=progress,
+        )  # fmt: skip
     return LatentStore(output_dir, with_features=teacher is not None)
 
 
@@ -171,7 +174,8 @@ def encode_dataset(
 ) -> dict[str, Any]:
     """Encode `dataset` (yielding (uint8 (3, H, W), label)) into a latent store at `out`; returns the
     manifest. Under torchrun each rank encodes every world_size-th pending shard; rank 0 writes the
-    manifest after a barrier. Complete shards of an earlier run with the same plan are kept."""
+    manifest after a barrier. Complete shards of an earlier run with the same plan are kept. The caller holds
+    the folder's lock (`cache_latents` does: `runtime.lock`)."""
     from tqdm import tqdm
 
     from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device

@@ -10,6 +10,20 @@ of processes. Rank r makes images r, r + world, ...; every batch is written atom
 OUTPUT/<name>.parts/ and skipped when called again (resume); rank 0 merges the parts into
 OUTPUT/<name>.npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) and a grid of the first 64 as <name>.png.
 The SiT, VAE and latent statistics are resolved by `diffusion.sit_source`.
+
+A sample set is reused only when it is the same set. Its name says the sampler settings, seed and n but
+not which model made it (every SiT export folder is named `sit`), so its record, OUTPUT/<name>.json
+(written before the .npz, whose presence means "done") and <name>.parts/settings.json, holds what the
+images are a function of: content hashes of the SiT's weights (the EMA or raw ones sampled) and of the
+VAE's, their configs, the latent statistics, the sampler settings, seed, n and label mode; and, for
+messages only, where the SiT and the VAE were read from (the same weights read from another path are the
+same model). A finished set or parts whose record differs from the one asked for, or that have no record,
+are refused in one line (`SampleSetMismatchError`: use another --output-dir or delete them), never
+returned or merged: a name stays predictable, and two models never share one.
+
+One writer per output folder: rank 0 holds OUTPUT's lock (`runtime.lock`) while it samples, so a second
+start on the same folder is refused with the holder's pid, and the temp files of killed writes there can
+be removed safely.
 """
 
 from __future__ import annotations
@@ -26,13 +40,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.latent_store import state_fingerprint, vae_fingerprint
 from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
+from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
+from ..runtime.lock import rank0_folder_lock
 from .sampling import SamplerConfig, sample
 from .sit_source import LoadedSiT, load_sit_source, load_vae_and_stats
 
 if TYPE_CHECKING:
+    from ..models.sit import SiT
     from ..models.vae import AutoencoderKL
+
+SETTINGS_FILE = "settings.json"  # a parts folder's record
+
+
+class SampleSetMismatchError(ValueError):
+    """A finished sample set or its parts were made by another model or with other settings."""
+
 
 # -- labels, names and parts ---------------------------------------------------------------------------------
 
@@ -95,6 +120,59 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
     ckpt.atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
 
 
+# -- the record of a sample set -------------------------------------------------------------------------
+
+
+def sample_set_record(
+    sit: LoadedSiT,
+    vae: AutoencoderKL,
+    vae_source: str,
+    stats: LatentStats,
+    sampler_cfg: SamplerConfig,
+    seed: int,
+    n: int,
+    label_sampling: str,
+) -> dict[str, Any]:
+    """What the images are a function of ("identity", compared) and where the models came from ("sources",
+    for messages), as JSON reads it back."""
+    identity = {
+        "sit": {"weights_sha256": state_fingerprint(sit.model), "config": sit.model.config.to_dict(),
+                "weights": sit.weights},
+        "vae": {"weights_sha256": vae_fingerprint(vae), "config": vae.config.to_dict()},
+        "latent_stats": stats.to_dict(),
+        "sampler": dataclasses.asdict(sampler_cfg), "seed": seed, "num_samples": n,
+        "label_sampling": label_sampling,
+    }  # fmt: skip
+    record = {"identity": identity, "sources": {"sit": sit.source, "vae": vae_source}}
+    return json.loads(json.dumps(record))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+
+
+def record_mismatch(record: dict[str, Any], path: Path, what: Path) -> str | None:
+    """Why the sample set `what`, recorded in `path`, is not the one `record` asks for; None when it is."""
+    fix = "use another --output-dir, or delete it to sample anew"
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        old = {}
+    if not isinstance(old, dict) or "identity" not in old:  # none, unreadable, or an older format's
+        return f"{what} has no record of the model and settings that made it ({path}); {fix}"
+    a, b = _flat(old.get("identity", {})), _flat(record["identity"])
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diff:
+        return None
+    made_by = (old.get("sources") or {}).get("sit", "?")
+    return (
+        f"{what} holds samples of another model or other settings (made by {made_by}; differs in "
+        f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}); {fix}"
+    )
+
+
 # -- the driver ----------------------------------------------------------------------------------------------
 
 
@@ -127,59 +205,86 @@ def generate(
     label_sampling: "random" (uniform) or "equal" (as many of each class, shuffled), drawn from `seed`.
     dist: a `runtime.distributed.DistInfo` (under torchrun: `init_distributed`'s); default: one process
         on `device` ("auto": the GPU when there is one).
+    Raises SampleSetMismatchError when OUTPUT holds this name's samples (or parts) of another model or
+    settings, and `runtime.lock.FolderLockedError` when another process samples into OUTPUT.
     """
-    from tqdm import tqdm
-
-    from ..data.latent_store import vae_fingerprint
-    from ..data.transforms import to_uint8
-    from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
-
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     dist = dist or DistInfo(0, 1, 0, resolve_device(str(device)))
     sit = sit_source
     if not isinstance(sit, LoadedSiT):
         sit = load_sit_source(sit, train_steps, weights)
-    model = sit.model.to(dist.device).eval().requires_grad_(False)
+    sit.model.eval().requires_grad_(False)
     vae_module, stats = load_vae_and_stats(sit, vae, vae_config, latent_stats)
-    vae_module = vae_module.to(dist.device)
-    mc = model.config
-    n = num_samples
-    labels_all = make_labels(n, mc.num_classes, seed, label_sampling)
-    out = Path(output_dir)
-    name = output_name(sit.name, sampler_cfg, seed, n, label_sampling)
+    vae_name = f"module {vae_fingerprint(vae_module)}" if isinstance(vae, nn.Module) else str(vae or sit.vae)
+    name = output_name(sit.name, sampler_cfg, seed, num_samples, label_sampling)
+    with rank0_folder_lock(output_dir, dist):
+        record = None
+        if dist.is_main:  # hashing the weights is rank 0's alone
+            record = sample_set_record(
+                sit, vae_module, vae_name, stats, sampler_cfg, seed, num_samples, label_sampling
+            )
+        return _make(sit.model, vae_module, stats, record, Path(output_dir), name, num_samples, sampler_cfg,
+                     seed, label_sampling, batch_size, dist, progress)  # fmt: skip
+
+
+def _prepare(out: Path, name: str, record: dict[str, Any]) -> tuple[bool, str | None]:
+    """Rank 0, the folder held: (already done?, error). Finishes a set killed after its .npz, checks or
+    starts the parts' record."""
     final, parts = out / f"{name}.npz", out / f"{name}.parts"
+    ckpt.sweep_temp_files(out, parts)  # leftovers of a killed write
     if final.exists():
-        if dist.is_main:  # finish what a run killed after writing the .npz left undone
+        error = record_mismatch(record, out / f"{name}.json", final)
+        if error is None:  # finish what a run killed after writing the .npz left undone
             if not (out / f"{name}.png").exists():
                 with np.load(final) as f:
                     save_grid(f["arr_0"][:64], out / f"{name}.png")
             shutil.rmtree(parts, ignore_errors=True)
             print(f"{final} exists; nothing to do")
-        return final
-    vae_name = f"module {vae_fingerprint(vae_module)}" if isinstance(vae, nn.Module) else str(vae or sit.vae)
-    settings = {
-        "model": sit.source, "weights": sit.weights, "vae": vae_name,
-        "sampler": dataclasses.asdict(sampler_cfg), "seed": seed, "num_samples": n,
-        "label_sampling": label_sampling,
-    }  # fmt: skip
-    error: str | None = None
+        return error is None, error
+    parts.mkdir(parents=True, exist_ok=True)
+    sfile = parts / SETTINGS_FILE
+    if sfile.exists() or any(parts.glob("part-*.npz")):
+        return False, record_mismatch(record, sfile, parts)
+    ckpt.atomic_write_json(record, sfile)
+    return False, None
+
+
+def _make(
+    model: SiT,
+    vae: AutoencoderKL,
+    stats: LatentStats,
+    record: dict[str, Any] | None,
+    out: Path,
+    name: str,
+    n: int,
+    sampler_cfg: SamplerConfig,
+    seed: int,
+    label_sampling: str,
+    batch_size: int,
+    dist: DistInfo,
+    progress: bool,
+) -> Path:
+    """The sampling itself, with OUTPUT held: check or resume the set, make the missing images, merge."""
+    from tqdm import tqdm
+
+    from ..data.transforms import to_uint8
+
+    final, parts = out / f"{name}.npz", out / f"{name}.parts"
+    done_before, error = False, None
     if dist.is_main:
-        parts.mkdir(parents=True, exist_ok=True)
-        ckpt.sweep_temp_files(out, parts)  # leftovers of a killed write
-        sfile = parts / "settings.json"
-        if sfile.exists() and json.loads(sfile.read_text()) != settings:
-            error = (
-                f"{parts} holds samples made with other settings; delete it or use another output folder "
-                "(--output-dir)"
-            )
-        else:
-            ckpt.atomic_write_json(settings, sfile)
-    error = broadcast_object(error)
+        assert record is not None  # made by rank 0
+        done_before, error = _prepare(out, name, record)
+    done_before, error = broadcast_object((done_before, error))
     if error:
-        raise ValueError(error)
+        raise SampleSetMismatchError(error)
+    if done_before:
+        return final
     barrier()
 
+    mc = model.config
+    model, vae = model.to(dist.device), vae.to(dist.device)
+    labels_all = make_labels(n, mc.num_classes, seed, label_sampling)
     done = _done_indices(parts)
     todo = [i for i in range(dist.rank, n, dist.world_size) if i not in done]
     if dist.is_main:
@@ -194,7 +299,7 @@ def generate(
         y = labels_all[idx].to(dist.device)
         z = sample(model, y, [seed + i for i in idx], sampler_cfg)  # (B, C, h, w), normalised latents
         with torch.no_grad():
-            x = vae_module.decode(stats.denormalize(z)).float()  # (B, 3, H, W) in [-1, 1]
+            x = vae.decode(stats.denormalize(z)).float()  # (B, 3, H, W) in [-1, 1]
         bad = [i for i, ok in zip(idx, x.flatten(1).isfinite().all(1).tolist()) if not ok]
         if bad:
             raise FloatingPointError(f"non-finite samples at indices {bad[:20]} (seeds seed + index)")
@@ -211,6 +316,7 @@ def generate(
     if dist.is_main:
         images, labels = merge_parts(parts, n)
         save_grid(images, out / f"{name}.png")  # before the .npz, whose presence means "done"
+        ckpt.atomic_write_json(record, out / f"{name}.json")  # what made it, also before the .npz
         ckpt.atomic_write_bytes(final, lambda f: np.savez(f, arr_0=images, arr_1=labels))
         shutil.rmtree(parts)
         print(f"wrote {final} {images.shape} and {name}.png", flush=True)

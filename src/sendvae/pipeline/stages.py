@@ -6,6 +6,12 @@ file instead of running the stage (an interrupted stage has no file, so it runs 
 engines resume their own partial work: training from its newest checkpoint, latent caching and
 sampling from their complete shards / parts). The record is keyed by the stage's settings: a rerun with
 other settings is refused instead of mixing results, the way a training run refuses a changed config.
+
+One writer per pipeline folder: a pipeline runs its stages inside ``with stages.lock():``, which holds
+ROOT/.lock (`runtime.lock`) and, once held, removes the temp files killed writes left in ROOT and
+ROOT/stages/. A second process on the same folder is refused with the holder's pid; the same process may
+take it again (the study running the demo's stages in its folder), and the train runs, stores and
+sample folders inside ROOT hold their own locks.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..runtime.checkpoint import atomic_write_json
+from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
+from ..runtime.lock import folder_lock
 
 StageFn = Callable[[], dict[str, Any]]
 # Testing aid: exit the process (os._exit, like a killed job) right after this stage is recorded.
@@ -37,6 +45,14 @@ class Stages:
         self.dir = self.root / "stages"
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.ran: list[str] = []  # stages run (not loaded) by this process, in order
+
+    @contextmanager
+    def lock(self) -> Iterator[Stages]:
+        """Hold the folder for this process (re-entrant), sweeping killed writes' temp files on entry;
+        raises `runtime.lock.FolderLockedError` (one line, naming the holder's pid) when another holds it."""
+        with folder_lock(self.root):
+            sweep_temp_files(self.root, self.dir)
+            yield self
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.json"

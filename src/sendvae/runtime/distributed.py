@@ -2,11 +2,19 @@
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are a single process and every
 collective below is a no-op. Backend: NCCL on CUDA, gloo on CPU.
+
+A worker started by torchrun dies with its launcher: killed with SIGKILL, the launcher cannot stop its
+workers, which would be reparented and train on, writing the run folder beside the next attempt. On Linux
+each worker asks the kernel for SIGTERM when its parent exits (``prctl(PR_SET_PDEATHSIG)``), and exits at
+once if the parent is gone already.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -47,8 +55,43 @@ def resolve_device(name: str = "auto", local_rank: int = 0, option: str = "--dev
     return dev
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_launcher() -> bool:
+    """Under torchrun on Linux: SIGTERM this process when its launcher exits (even by SIGKILL), and exit now
+    if it has already. Returns whether the signal was set up."""
+    if not sys.platform.startswith("linux") or not (
+        "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # no prctl in this libc: nothing to set up
+        return False
+    if _launcher_gone():
+        sys.exit("the launcher (torchrun) of this worker has exited; stopping")
+    return True
+
+
+def _launcher_gone() -> bool:
+    """The launcher died before prctl: we were reparented to init (pid 1), and no signal will come. In a
+    container torchrun may itself be pid 1, alive as our parent; when pid 1 cannot be read, assume it is."""
+    if os.getppid() != 1:
+        return False
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            init = f.read()
+    except OSError:
+        return False
+    return b"torchrun" not in init and b"torch.distributed" not in init
+
+
 def init_distributed(device: str = "auto", option: str = "--device") -> DistInfo:
     """Initialise the process group when launched by torchrun; otherwise describe a single process."""
+    exit_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

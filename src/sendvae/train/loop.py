@@ -36,7 +36,7 @@ from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..runtime.log import RunLogger
 from ..runtime.weights import WeightsError
 from .common import MetricSums, fused_adamw, step_seed
-from .resume import FREE_COMMON, refused_changes
+from .resume import FREE_COMMON, refused_changes, refused_length
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ class TrainerBase:
     def resume(self) -> None:
         """Load the newest readable checkpoint of the run folder, if any: weights, optimizers, step.
 
-        The run's config must agree with the checkpoint's except in the fields of ``resume_free``.
+        The run's config must agree with the checkpoint's except in the fields of ``resume_free``, and
+        its length may not end before the checkpoint's step.
         """
         if self.dist.is_main:
             swept = ckpt.sweep_temp_files(self.run_dir, self.run_dir / ckpt.CKPT_DIR)
@@ -167,9 +168,13 @@ class TrainerBase:
                 f"run folder {self.run_dir} holds an experiment with another config "
                 f"({'; '.join(refused[:8])}); pass the same options to resume it, or a new --exp-name"
             )
+        step = int(st["step"])
+        shorter = refused_length(step, self.max_steps)
+        if shorter:
+            raise ValueError(f"run folder {self.run_dir}: {shorter}")
         self.load_state(st)
         self.nan_steps.fill_(float(st.get("nan_steps", 0)))
-        self.step = int(st["step"])
+        self.step = step
         if self.dist.is_main:
             self.log.truncate_stats(self.step)  # the steps after the checkpoint are replayed
         self.log.info(f"resumed from {path} at step {self.step}")

@@ -5,7 +5,9 @@ checkpoint (not ``config.json``, which a failed start may have written) field by
 
 * free: where and how fast it runs, how often it logs, how long it goes on. Raising ``optim.max_steps``
   (or ``optim.epochs``) extends a finished run: the learning rate depends on the step alone (constant
-  after warm-up), so the first steps are the same either way.
+  after warm-up), so the first steps are the same either way. The same length as the checkpoint's step
+  just exports again; a length below it is refused (`refused_length`): the run would record a config of
+  N steps over a model trained for more, and there is no way back to step N.
 * refused: everything else, among them ``run.seed`` (every random draw is a function of seed, step and
   rank), ``run.precision`` and ``run.tf32`` (numerics), the data, the model, the losses, the optimizer
   and the teacher with its weights.
@@ -71,3 +73,15 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
 def refused_changes(old: dict[str, Any], new: dict[str, Any], free: frozenset[str] | set[str]) -> list[str]:
     """'key: old -> new' for each change that would make the resumed run another experiment."""
     return [f"{k}: {o!r} -> {n!r}" for k, o, n in config_changes(old, new) if not _is_free(k, free)]
+
+
+def refused_length(checkpoint_step: int, max_steps: int) -> str | None:
+    """Why a resume at ``checkpoint_step`` cannot run to ``max_steps`` (the length the config resolves to,
+    from ``optim.max_steps`` or ``optim.epochs``), or None when it can."""
+    if max_steps >= checkpoint_step:
+        return None
+    return (
+        f"its checkpoint is at step {checkpoint_step}, past the {max_steps} steps asked for "
+        f"(--optim.max_steps or --optim.epochs); resume it with at least {checkpoint_step} steps, or train "
+        "a shorter run under a new --exp-name"
+    )

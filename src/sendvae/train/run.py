@@ -1,7 +1,10 @@
 """Run a trainer: process group, run folder and log, train, export on the main process, clean up.
 
 The training commands and the pipelines (`sendvae demo`, `sendvae study`) all start a run through
-`run_training`, so a run folder looks the same however it was started.
+`run_training`, so a run folder looks the same however it was started. Rank 0 holds the run folder's lock
+(`runtime.lock`) for the life of the run: a second start on the same folder is refused, naming the
+process that holds it. With the folder held, the temp files that killed writes left in its export and
+grid folders are removed (`resume` does the same for checkpoints/).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
+from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
+from ..runtime.lock import rank0_folder_lock
 
 
 def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> int:
@@ -19,15 +24,27 @@ def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> int:
     make_trainer(cfg, dist, run_dir, log) -> a TrainerBase; export(trainer) -> the export's path.
     echo: print the log lines (False: only the run's log.txt gets them; the progress bar stays).
     """
-    from ..runtime.checkpoint import atomic_write_json
     from ..runtime.distributed import cleanup, init_distributed
-    from ..runtime.log import RunLogger
 
     dist = init_distributed(cfg.run.device, option="--device")
     run_dir = Path(cfg.run.output_dir) / cfg.run.exp_name
+    try:
+        with rank0_folder_lock(run_dir, dist):
+            return _run_locked(cfg, dist, run_dir, make_trainer, export, echo)
+    finally:
+        cleanup()
+
+
+def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: bool) -> int:
+    from ..runtime.log import RunLogger
+
     sink = None if echo else open(os.devnull, "w")
     log = RunLogger(run_dir, dist.is_main, tensorboard=cfg.run.tensorboard, stream=sink)
     try:
+        if dist.is_main:
+            swept = sweep_temp_files(*_written_folders(run_dir))
+            if swept:
+                log.info(f"removed {len(swept)} temp file(s) of an interrupted write in {run_dir}")
         # Building the trainer resumes, and refuses a config that differs from its checkpoint's
         # (train/resume.py); only then is config.json written, so a failed start leaves no false record.
         trainer = make_trainer(cfg, dist, run_dir, log)
@@ -39,7 +56,13 @@ def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> int:
             log.info(f"exported to {export(trainer)}")
     finally:
         log.close()
-        cleanup()
         if sink is not None:
             sink.close()
     return 0
+
+
+def _written_folders(run_dir: Path) -> list[Path]:
+    """The run's folders written atomically besides checkpoints/: export/ and each export in it, samples/."""
+    export = run_dir / "export"
+    subs = sorted(p for p in export.iterdir() if p.is_dir()) if export.is_dir() else []
+    return [export, *subs, run_dir / "samples"]
