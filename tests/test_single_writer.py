@@ -222,7 +222,7 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     args = tiny_train_args(tmp_path, steps=100000)
     launcher = subprocess.Popen(
         [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sendvae.cli", "train-vae", *args],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     workers: list[int] = []
     try:
