@@ -43,9 +43,48 @@ class WriteError(RuntimeError):
 def _write_error(path: Path, err: OSError) -> WriteError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "the disk is full: free some space (or lower --run.keep_ckpts) and run the command again"
+    elif err.errno == errno.EIO:
+        why = "an input/output error: the disk or its connection failed, check it and run the command again"
     else:
         why = f"{err.strerror or err}: check the folder's permissions and free space"
     return WriteError(f"could not write {path}: {why}; the previous version, if any, is intact")
+
+
+# errno values that mean the storage failed (not the caller): each a WriteError, never a traceback
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "No space left",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EIO: "Input/output error",
+}
+
+
+def _storage_error(e: BaseException) -> OSError | None:
+    """The OSError a writer's exception stands for when it names no errno itself: safetensors' Rust writer
+    reports ``IoError(Os { code: 28, ... })``, torch's C++ writer a bare RuntimeError."""
+    text = str(e)
+    for code, words in _STORAGE_ERRNOS.items():
+        if words in text or f"code: {code}," in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
+class _KeepWriteError:
+    """The temp file as a writer sees it. torch.save's C++ writer turns the OSError of a failed write (a
+    full disk) into ``RuntimeError: unexpected pos``; the OSError kept here says what happened."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,12 +116,14 @@ def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
     """
     path = Path(path)
     tmp = None
+    kept = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            writer(f)
+            kept = _KeepWriteError(f)
+            writer(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,8 +131,11 @@ def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
     except OSError as e:
         _unlink(tmp)
         raise _write_error(path, e) from None
-    except BaseException:
+    except BaseException as e:
         _unlink(tmp)
+        cause = (kept.error if kept is not None else None) or _storage_error(e)
+        if isinstance(e, Exception) and cause is not None:  # torch's "unexpected pos": the disk failed
+            raise _write_error(path, cause) from None
         raise
 
 
@@ -142,8 +186,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     except OSError as e:
         _unlink(tmp)
         raise _write_error(path, e) from None
-    except BaseException:
+    except BaseException as e:
         _unlink(tmp)
+        cause = _storage_error(e)  # safetensors: SafetensorError "... IoError(Os { code: 28, ... })"
+        if isinstance(e, Exception) and cause is not None:
+            raise _write_error(path, cause) from None
         raise
 
 
