@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,9 +72,17 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose errors are one line, as the command's own errors are (``--help`` has the
+    usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def command_parser(module) -> argparse.ArgumentParser:
     """The parser of one command module: its ``add_arguments``, no abbreviations, defaults in the help."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=f"sendvae {module.NAME}",
         description=module.HELP,
         allow_abbrev=False,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -35,15 +37,29 @@ D = TypeVar("D", bound="DataclassInstance")
 
 
 def option(
-    default: Any, help: str, choices: typing.Sequence[Any] | None = None, hidden: bool = False, **kw: Any
+    default: Any,
+    help: str,
+    choices: typing.Sequence[Any] | None = None,
+    hidden: bool = False,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    **kw: Any,
 ) -> Any:
     """A dataclass field carrying its help text (and optional choices) for the command line.
 
-    ``hidden``: an option that works but is not listed in ``--help`` (testing aids).
+    ``hidden``: an option that works but is not listed in ``--help`` (testing aids; never read from a file).
+    The field's domain, declared once and checked for flags, presets and saved configs alike (`check_value`):
+    ``choices``, ``min`` / ``max`` (inclusive; each element of a tuple), and ``check(value)``, which returns
+    what is wrong with a value (``"must be ..."``) or None. None passes them all where the type allows it.
     """
     meta: dict[str, Any] = {"help": help, "hidden": hidden}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    for key, value in (("min", min), ("max", max), ("check", check)):
+        if value is not None:
+            meta[key] = value
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
@@ -95,8 +111,137 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_NAMES = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How an error names a type: ``an integer or null``, ``a list of 2 numbers``."""
+    inner, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin in (tuple, list):
+        args = typing.get_args(inner)
+        elem = _type_name(args[0], plural=True) if args else "values"
+        fixed = origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)
+        name = f"a list of {len(args)} {elem}" if fixed else f"a list of {elem}"
+    else:
+        name = _NAMES.get(inner, (getattr(inner, "__name__", str(inner)),) * 2)[plural]
+    return f"{name} or null" if optional else name
+
+
+def _typed(value: Any, tp: Any) -> Any:
+    """``value`` (as JSON or Python holds it) checked against the annotation ``tp``: a bool is a real bool,
+    an int is not a bool, a float takes an int (and is finite), a tuple field takes a list of its length.
+    Returns the value in the field's type; raises ValueError saying what was expected."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional or inner is Any:
+            return None
+        raise ValueError(f"expected {_type_name(tp)}, got null")
+    origin = typing.get_origin(inner)
+    wrong = ValueError(f"expected {_type_name(tp)}, got {value!r}")
+    if inner is Any:
+        return value
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        args = typing.get_args(inner)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise wrong
+            items = [_typed(v, a) for v, a in zip(value, args)]
+        else:
+            items = [_typed(v, args[0] if args else Any) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or inner is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return value
+    if isinstance(inner, type) and not isinstance(value, inner):
+        raise wrong
+    return value
+
+
+def check_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """``value`` for field ``f`` (annotated ``tp``): its type (`_typed`), then its declared domain
+    (``choices``, ``min``, ``max``, ``check`` of `option`; each element of a list). Returns the typed value;
+    raises ValueError with what is wrong, for the caller to prefix with the flag or the file and key."""
+    value = _typed(value, tp)
+    if value is None:
+        return None
+    meta = f.metadata
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    choices = meta.get("choices")
+    lo, hi = meta.get("min"), meta.get("max")
+    for v in items:
+        if choices and v not in choices:
+            raise ValueError(f"{v!r} is not one of {', '.join(map(str, choices))}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                raise ValueError(f"{v!r} is below the minimum {lo}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{v!r} is above the maximum {hi}")
+    check = meta.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ValueError(f"{value!r} {problem}" if problem.startswith("must") else problem)
+    return value
+
+
+def positive(value: float) -> str | None:
+    """A `check` for ``option``: the value (each element of a tuple) must be > 0."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return "must be > 0" if any(v <= 0 for v in items) else None
+
+
+def unit_interval(value: Any) -> str | None:
+    """A `check` for ``option``: each value in [0, 1) (Adam's betas: 1 divides by zero in its bias
+    correction)."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return "must be in [0, 1)" if any(not 0 <= v < 1 for v in items) else None
+
+
+def nonempty(value: str) -> str | None:
+    """A `check` for ``option``: a name or path that is not empty."""
+    return "must not be empty" if not value.strip() else None
+
+
+def device_name(value: str) -> str | None:
+    """A `check` for ``option``: the device names the commands take (auto, cpu, cuda, cuda:N, mps)."""
+    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+        return None
+    return "must be a device: auto, cpu, cuda, cuda:N or mps"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # dict <-> dataclass
+
+# The version of a saved config's layout (`config_record`), under FORMAT_KEY at its top level. 1: the
+# first versioned one (a config without the key is read as version 1 too: the layout did not change).
+CONFIG_FORMAT = 1
+FORMAT_KEY = "format"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -104,33 +249,101 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def from_dict(cls: type[D], data: dict[str, Any], strict: bool = True) -> D:
-    """Plain dict -> nested dataclass ``cls``. Unknown keys are an error when ``strict``."""
+def config_record(cfg: Any) -> dict[str, Any]:
+    """A config as a run folder records it (``config.json``) and ``--dry-run`` prints it: `to_dict` with
+    the layout's ``format`` first, and without the hidden testing aids that keep their defaults."""
+    data = to_dict(cfg)
+    for name, f, _ in iter_fields(type(cfg)):
+        if f.metadata.get("hidden") and get_value(cfg, name) == f.default:
+            *parents, leaf = name.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            node.pop(leaf, None)
+    return {FORMAT_KEY: CONFIG_FORMAT, **data}
+
+
+def from_dict(
+    cls: type[D],
+    data: dict[str, Any],
+    strict: bool = True,
+    *,
+    base: Any = None,
+    source: str = "",
+    _prefix: str = "",
+) -> D:
+    """Plain dict -> nested dataclass ``cls``, every value checked (`check_value`). Unknown keys are an
+    error when ``strict``; a key the dict lacks takes ``base``'s value (a preset), else the default.
+
+    A top-level ``format`` key (`config_record`) is read and dropped. Errors are one line naming
+    ``source`` (the file) and the dotted key.
+    """
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}{_prefix.rstrip('.') or 'config'}: expected an object, got {data!r}")
+    if not _prefix and FORMAT_KEY in data and FORMAT_KEY not in {f.name for f in dataclasses.fields(cls)}:
+        data = dict(data)
+        fmt = data.pop(FORMAT_KEY)
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+            raise ValueError(
+                f"{where}{FORMAT_KEY}: expected a format version 1..{CONFIG_FORMAT}, got {fmt!r}"
+            )
+        if fmt > CONFIG_FORMAT:
+            raise ValueError(
+                f"{where}{FORMAT_KEY}: version {fmt} was written by a newer sendvae (this one reads up to "
+                f"{CONFIG_FORMAT})"
+            )
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown and strict:
-        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; valid keys: {sorted(names)}")
+        keys = ", ".join(_prefix + k for k in map(str, unknown))
+        raise ValueError(f"{where}unknown {cls.__name__} keys: {keys}; valid keys: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        sub = getattr(base, f.name) if base is not None else None
+        tp = hints[f.name]
+        inner, _ = _unwrap_optional(tp)
+        nested = isinstance(inner, type) and dataclasses.is_dataclass(inner)
         if f.name not in data:
+            if base is not None:
+                kwargs[f.name] = _deepcopy(sub) if nested and sub is not None else sub
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
         value = data[f.name]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, strict=strict)
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
+        if nested and isinstance(value, dict):
+            value = from_dict(inner, value, strict, base=sub, source=source, _prefix=f"{_prefix}{f.name}.")
+        elif nested and not (value is None and tp is not inner):
+            raise ValueError(f"{where}{_prefix}{f.name}: expected an object, got {value!r}")
+        else:
+            try:
+                value = check_value(f, tp, value)
+            except ValueError as e:
+                raise ValueError(f"{where}{_prefix}{f.name}: {e}") from None
         kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a __post_init__ that relates fields
+        raise ValueError(f"{where}{_prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def format_config(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
+    return json.dumps(config_record(cfg), indent=2)
 
 
-def load_config(cls: type[D], path: str | Path) -> D:
-    """A config saved as JSON (a run's ``config.json``, or the run folder holding it), strictly."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory = f.default_factory
+    return factory() if callable(factory) else None
+
+
+def load_config(cls: type[D], path: str | Path, presets: PresetRegistry | None = None) -> D:
+    """A config saved as JSON (a run's ``config.json``, or the run folder holding it), strictly.
+
+    With ``presets``: the file's ``preset`` must be one of them (or ``custom``) and is the base a key the
+    file lacks takes its value from. A hidden testing aid is never read from a file: one at its default
+    is passed over, any other value refused.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -138,14 +351,36 @@ def load_config(cls: type[D], path: str | Path) -> D:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no saved config at {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a JSON config") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a JSON config: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a JSON config: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a config")
-    try:
-        return from_dict(cls, data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a {cls.__name__}: {e}") from None
+    for name, f, _ in iter_fields(cls):
+        *parents, leaf = name.split(".")
+        node: Any = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if f.metadata.get("hidden") and isinstance(node, dict) and leaf in node:
+            default = _default(f)
+            if node[leaf] not in (default, list(default) if isinstance(default, tuple) else default):
+                raise ValueError(
+                    f"{path}: {name}: a testing aid is not read from a file; give --{name} instead"
+                )
+            del node[leaf]
+    base = None
+    if presets is not None and "preset" in data:
+        name = data["preset"]
+        known = ["custom", *sorted(presets)]
+        if not isinstance(name, str) or name not in known:
+            raise ValueError(
+                f"{path}: preset: unknown {presets.kind} preset {name!r}; one of {', '.join(known)}"
+            )
+        base = presets.build(name) if name in presets else None
+    return from_dict(cls, data, base=base, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,6 +426,59 @@ def add_config_arguments(
             default=argparse.SUPPRESS,
             help=argparse.SUPPRESS if f.metadata.get("hidden") else help_text,
         )
+
+
+def number_arg(kind: type = int, min: float | None = None, max: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a plain (non-config) option: an int (or a finite float) in [min, max],
+    else argparse's one-line error naming the option."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_type_name(kind)}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (min is not None and value < min) or (max is not None and value > max):
+            bounds = f">= {min}" if max is None else f"<= {max}" if min is None else f"in [{min}, {max}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number_arg(int, min=1)
+nonnegative_int = number_arg(int, min=0)
+finite_float = number_arg(float)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a finite float > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type=`` for ``--device``: auto, cpu, cuda, cuda:N or mps."""
+    problem = device_name(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
+def field_arg(f: dataclasses.Field, tp: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses a config field's value and holds it to the field's domain."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check_value(f, tp, parse_value(text, tp))
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def field_help(text: str, default: Any, choices: typing.Sequence[Any] | None = None) -> str:
@@ -257,16 +545,24 @@ def apply_overrides(cfg: D, overrides: dict[str, Any]) -> D:
             raise ValueError(f"unknown config key {dotted!r}")
         f = next(f for f in dataclasses.fields(obj) if f.name == leaf)
         tp = _type_hints(type(obj))[leaf]
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, str):
                 value = parse_value(value, tp)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"--{dotted}: {e}") from None
-        choices = f.metadata.get("choices")
-        if choices and value not in choices and value is not None:
-            raise ValueError(f"--{dotted}: {value!r} is not one of {', '.join(map(str, choices))}")
+            value = check_value(f, tp, value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--{dotted}: {e}") from None
         setattr(obj, leaf, value)
     return cfg
+
+
+def validate(cfg: Any, flag: bool = True) -> None:
+    """Check every leaf of ``cfg`` against its type and domain (`check_value`): a config built in code (a
+    preset, a pipeline's) meets the rules a flag or a file is held to. Errors name the flag (or the key)."""
+    for name, f, tp in iter_fields(type(cfg)):
+        try:
+            check_value(f, tp, get_value(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"{'--' if flag else ''}{name}: {e}") from None
 
 
 def _deepcopy(cfg: D) -> D:

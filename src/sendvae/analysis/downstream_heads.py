@@ -26,7 +26,6 @@ Scores, accumulated over a whole evaluation set (dataset-level, as segmentation 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
-from ..runtime.weights import read_weights
+from ..runtime.weights import malformed, read_json, read_weights
 
 HEAD_KINDS = ("linear", "conv")
 HEADS_FILES = ("heads.safetensors", "heads.json")
@@ -213,9 +212,10 @@ def load_heads(heads_dir: str | Path) -> tuple[DownstreamHeads, dict[str, Any]]:
     d = Path(heads_dir)
     if not (d / HEADS_FILES[1]).is_file():
         raise FileNotFoundError(f"no {HEADS_FILES[1]} in {d}: make the heads with `sendvae downstream train`")
-    meta = json.loads((d / HEADS_FILES[1]).read_text())
-    heads = DownstreamHeads(
-        meta["feature_dim"], meta["num_classes"], tuple(meta["grid"]), meta["kind"], meta["hidden"]
-    )
-    heads.load_state_dict(read_weights(d / HEADS_FILES[0], "downstream heads"))
+    meta = read_json(d / HEADS_FILES[1], "downstream heads record")
+    with malformed(d / HEADS_FILES[1], "downstream heads record"):
+        heads = DownstreamHeads(
+            meta["feature_dim"], meta["num_classes"], tuple(meta["grid"]), meta["kind"], meta["hidden"]
+        )
+        heads.load_state_dict(read_weights(d / HEADS_FILES[0], "downstream heads"))
     return heads.eval(), meta

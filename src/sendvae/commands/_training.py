@@ -21,6 +21,7 @@ from ..config import (
     load_config,
     metavar,
     overrides_from_args,
+    validate,
 )
 
 # option string(s), the first the one shown -> (config key, help)
@@ -88,9 +89,9 @@ def resolve_config(
     cfg: Any
     if getattr(args, "config", None):
         try:
-            cfg = load_config(cfg_cls, args.config)
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"--config {args.config}: {e}") from None
+            cfg = load_config(cfg_cls, args.config, presets)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--config {args.config}: {e}") from None
     else:
         cfg = presets.build(getattr(args, "preset", None) or default_preset)
     for dest, given in vars(args).items():
@@ -103,4 +104,5 @@ def resolve_config(
     cfg = apply_overrides(cfg, {**(extra or {}), **overrides_from_args(args)})
     if cfg.run.exp_name is None:
         cfg.run.exp_name = cfg.preset
+    validate(cfg)  # a preset's values meet the rules a flag or a file is held to
     return cfg

@@ -10,6 +10,8 @@ import json
 
 import torch
 
+from ..config import device_arg, finite_float, nonnegative_int, positive_int
+
 STDOUT_IS_DATA = True  # the JSON rows; log lines go to stderr
 NAME = "bench"
 HELP = "measure throughput and memory of a stage (vae, train-vae, train-sit, sample, evaluate, probe)"
@@ -21,23 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["vae", "train-vae", "train-sit", "sample", "evaluate", "probe"],
         help="what to measure",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--vae", action="append", help="VAE preset(s) (default: f8d4 and f16d32)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="batch per step (default: per stage; vae: 64 on GPU, 2 on CPU)",
     )
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels")
+    p.add_argument("--resolution", type=positive_int, default=256, help="image side in pixels")
     p.add_argument(
         "--precision",
         default="auto",
         choices=["auto", "bf16", "fp32"],
         help="auto = bf16 autocast on GPU, fp32 on CPU",
     )
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed iterations first")
     p.add_argument(
         "--enc-type", default="dinov2-vit-b", help="teacher for train-vae / train-sit (random weights)"
     )
@@ -49,18 +51,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train-sit: teacher features cached in the store, or computed online (default: both)",
     )
     p.add_argument("--compile", action="store_true", help="train-sit: torch.compile the SiT")
-    p.add_argument("--sit-depth", type=int, help="train-sit: override the depth (CPU smoke runs)")
-    p.add_argument("--sit-width", type=int, help="train-sit: override the width (CPU smoke runs)")
+    p.add_argument("--sit-depth", type=positive_int, help="train-sit: override the depth (CPU smoke runs)")
+    p.add_argument("--sit-width", type=positive_int, help="train-sit: override the width (CPU smoke runs)")
     p.add_argument(
-        "--cfg-scale", type=float, default=1.5, help="sample: guidance scale (1 = one pass per step)"
+        "--cfg-scale", type=finite_float, default=1.5, help="sample: guidance scale (1 = one pass per step)"
     )
-    p.add_argument("--steps", type=int, default=250, help="sample: sampler steps of the implied 50k run")
     p.add_argument(
-        "--num-latents", type=int, default=50_000, help="probe: latents to probe (default: %(default)s)"
+        "--steps", type=positive_int, default=250, help="sample: sampler steps of the implied 50k run"
+    )
+    p.add_argument(
+        "--num-latents",
+        type=positive_int,
+        default=50_000,
+        help="probe: latents to probe (default: %(default)s)",
     )
     p.add_argument(
         "--pr-features",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="evaluate: also time precision / recall (float16 as ADM, and float32) on this many fixed random "
         "2048-d features per set, and print both results (default: %(default)s, skip)",

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..config import device_arg, nonnegative_int, positive_int
 from ..data.config import DATASETS
 
 NAME = "cache-latents"
@@ -29,24 +30,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=DATASETS, default="shapes", help="dataset kind (default: %(default)s)")
     p.add_argument("--data-path", help="dataset folder (prepared / imagefolder / fashion-mnist)")
     p.add_argument(
-        "--resolution", type=int, help="image size in pixels (default: the prepared dataset's, else 256)"
+        "--resolution",
+        type=positive_int,
+        help="image size in pixels (default: the prepared dataset's, else 256)",
     )
-    p.add_argument("--num-images", type=int, default=10000, help="shapes: number of images to render")
-    p.add_argument("--seed", type=int, default=0, help="shapes dataset seed; init seed of random presets")
+    p.add_argument(
+        "--num-images", type=positive_int, default=10000, help="shapes: number of images to render"
+    )
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="shapes dataset seed; init seed of random presets"
+    )
     p.add_argument("--output-dir", required=True, help="latent store folder (manifest.json, shard-*.npy)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per rank")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder call, per rank")
     p.add_argument(
         "--workers",
-        type=int,
+        type=nonnegative_int,
         default=min(4, os.cpu_count() or 1),
         help="DataLoader worker processes per rank",
     )
-    p.add_argument("--shard-size", type=int, help="images per shard (default: about 256 MiB of store)")
+    p.add_argument(
+        "--shard-size", type=positive_int, help="images per shard (default: about 256 MiB of store)"
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder compute precision")
     p.add_argument(
         "--dtype", choices=("fp32", "fp16"), default="fp32", help="stored moments (fp16 halves the size)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument(
         "--enc-type",
         help="also cache this teacher's patch tokens, fp16 (e.g. dinov2-vit-b; see `sendvae info`)",

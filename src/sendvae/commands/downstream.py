@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 
 from ..analysis.downstream_heads import HEAD_KINDS
+from ..config import device_arg, nonnegative_int, positive_float, positive_int
 from ..diffusion.sampling import SamplerConfig
 from .sample import add_sampler_arguments
 
@@ -44,21 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--enc-type", help="train without --vae: the teacher (default: the embedded one)")
     p.add_argument("--teacher-weights", help="weights file/folder of the teacher (default: the recorded one)")
-    p.add_argument("--resolution", type=int, default=64, help="train without --vae: image side")
+    p.add_argument("--resolution", type=positive_int, default=64, help="train without --vae: image side")
     p.add_argument("--head", choices=HEAD_KINDS, default="linear", help="train: head architecture")
-    p.add_argument("--head-steps", type=int, default=300, help="train: optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="train: AdamW learning rate (cosine decay)")
+    p.add_argument("--head-steps", type=positive_int, default=300, help="train: optimizer steps")
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="train: AdamW learning rate (cosine decay)"
+    )
     p.add_argument(
         "--num-images",
-        type=int,
+        type=positive_int,
         help="images (default: train 2000, eval 256, predict 16)",
     )
-    p.add_argument("--grid-images", type=int, default=8, help="eval: columns of downstream.png (0: none)")
+    p.add_argument(
+        "--grid-images", type=nonnegative_int, default=8, help="eval: columns of downstream.png (0: none)"
+    )
     add_sampler_arguments(p, help_prefix="--sit sampler: ")  # as `sendvae sample` spells them
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--seed", type=int, default=0, help="data seed of the heads, SiT seeds (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="data seed of the heads, SiT seeds (default: 0)"
+    )
     p.add_argument("--output-dir", default="downstream", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import device_arg, nonnegative_int, positive_int
 from ..runtime.distributed import resolve_device
 
 NAME = "evaluate"
@@ -63,11 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-config", help="--recon: VAE preset naming the architecture of a bare checkpoint")
     p.add_argument("--data", choices=DATASETS, help="dataset of --make-ref / --recon")
     p.add_argument("--data-path", help="dataset folder (prepared / imagefolder / fashion-mnist)")
-    p.add_argument("--resolution", type=int, default=256, help="image size in pixels (default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=50000, help="images to use (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="shapes: seed of the rendered dataset")
     p.add_argument(
-        "--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)"
+        "--resolution", type=positive_int, default=256, help="image size in pixels (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-images", type=positive_int, default=50000, help="images to use (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="shapes: seed of the rendered dataset")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per forward pass (default: %(default)s)"
     )
     splits = p.add_mutually_exclusive_group()
     splits.add_argument(
@@ -93,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument("--output-json", metavar="JSON", help="--recon: write the metrics here as JSON")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 
 

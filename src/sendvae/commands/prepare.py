@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from ..config import nonnegative_int, positive_int
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
@@ -41,21 +43,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="images per shard (default: about 192 MiB of pixels, 1024 at 256 px, at most 4096); each "
         "worker holds one shard in memory",
     )
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores; 0 = this one)")
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=None, help="processes (default: all cores; 0 = this one)"
+    )
     p.add_argument(
         "--min-size",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="skip images whose short side is below this (default 0: keep all and upsample, as ADM does)",
     )
     p.add_argument("--split", choices=("train", "test"), default="train", help="fashion-mnist split")
-    p.add_argument("--num-images", type=int, default=10000, help="shapes: number of images to render")
-    p.add_argument("--seed", type=int, default=0, help="shapes: seed of the rendered dataset")
+    p.add_argument(
+        "--num-images", type=positive_int, default=10000, help="shapes: number of images to render"
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="shapes: seed of the rendered dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import device_arg, nonnegative_int, positive_int
+
 NAME = "probe"
 HELP = "linear attribute probes, semantic gap, uniformity and discrimination of VAE latents"
 DATASETS = ("shapes", "fashion-mnist", "celeba", "awa2", "deepfashion")
@@ -42,15 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vae-config", help="VAE preset naming the architecture of checkpoints without config")
     p.add_argument("--pixels", action="store_true", help="add raw downsampled pixels as a baseline")
-    p.add_argument("--pixel-size", type=int, default=16, help="pixel baseline side (default: %(default)s)")
+    p.add_argument(
+        "--pixel-size", type=positive_int, default=16, help="pixel baseline side (default: %(default)s)"
+    )
     p.add_argument("--data", choices=DATASETS, default="shapes", help="dataset (default: %(default)s)")
     p.add_argument("--data-path", help="dataset folder (celeba, awa2, deepfashion; fashion-mnist optional)")
-    p.add_argument("--num-images", type=int, default=4000, help="images to probe (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=64, help="image side (default: %(default)s)")
     p.add_argument(
-        "--seed", type=int, default=0, help="splits, subsets, PCA, mixtures (default: %(default)s)"
+        "--num-images", type=positive_int, default=4000, help="images to probe (default: %(default)s)"
     )
-    p.add_argument("--pca-dim", type=int, default=8, help="PCA dims for uniformity/discrimination")
+    p.add_argument("--resolution", type=positive_int, default=64, help="image side (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=0,
+        help="splits, subsets, PCA, mixtures (default: %(default)s)",
+    )
+    p.add_argument("--pca-dim", type=positive_int, default=8, help="PCA dims for uniformity/discrimination")
     p.add_argument(
         "--enc-type",
         default="efficientnet-lite0",
@@ -61,15 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score", default="top5_recall", help="table column plotted against gFD (default: %(default)s)"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="BLAS threads for the probe fits: small fits are fastest on one",
     )
     p.add_argument("--output-dir", default="probe", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
+from ..config import device_arg, field_arg, nonnegative_int, positive_int
 from ..diffusion.sampling import SamplerConfig
 
 NAME = "sample"
@@ -27,11 +29,12 @@ HELP = "sample a SiT with an ODE/SDE sampler and CFG into an ADM .npz (resumable
 def add_sampler_arguments(p: argparse.ArgumentParser, help_prefix: str = "") -> None:
     """One option per SamplerConfig field (--steps, --cfg-scale, ...), spelled the same in every command."""
 
+    hints = typing.get_type_hints(SamplerConfig)
     for f in dataclasses.fields(SamplerConfig):
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
-            type=type(f.default),
+            type=field_arg(f, hints[f.name]),
             default=f.default,
             choices=f.metadata.get("choices"),
             help=f"{help_prefix}{f.metadata['help']} (default: %(default)s)",
@@ -42,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--exp-path", help="a train-sit run folder (its checkpoints, config and latent store)")
     src.add_argument("--model", help="a SiT export folder, or a SiT / REPA / REPA-E checkpoint file")
-    p.add_argument("--train-steps", type=int, help="with --exp-path: the checkpoint step (default: latest)")
+    p.add_argument(
+        "--train-steps", type=nonnegative_int, help="with --exp-path: the checkpoint step (default: latest)"
+    )
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--vae", help="VAE folder, checkpoint or preset (default: the run's train-sit --vae)")
     p.add_argument("--vae-config", help="VAE preset naming the architecture of a checkpoint without config")
@@ -52,9 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "a latents.json or stats file, or 'vae' for the VAE's own; our runs use the ones they were trained "
         "with",
     )
-    p.add_argument("--num-samples", type=int, default=50000, help="images to make (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch, per process")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; labels are drawn from seed")
+    p.add_argument(
+        "--num-samples", type=positive_int, default=50000, help="images to make (default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch, per process")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="image i uses seed + i; labels are drawn from seed"
+    )
     p.add_argument(
         "--label-sampling",
         choices=("random", "equal"),
@@ -63,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_sampler_arguments(p)
     p.add_argument("--output-dir", default="samples", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 

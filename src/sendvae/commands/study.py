@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import device_arg, positive_int
+
 NAME = "study"
 HELP = "compare the alignment variants on generation: shared init, same SiT recipe, several seeds"
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cpu: ~2 h on 2 cores; gpu: < 25 min on one GPU; ci: seconds, for tests (default: %(default)s)",
     )
     p.add_argument("--output-dir", default="runs/study", help="study folder (default: %(default)s)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--device", type=device_arg, help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--progress", action="store_true", help="progress bars of the sampling stages")
     p.add_argument(
@@ -41,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--variants", help=f"alignment variants, comma-separated (default: {','.join(base.variants)})"
     )
     p.add_argument("--seeds", help=f"seeds, comma-separated (default: {','.join(map(str, base.seeds))})")
-    p.add_argument("--eval-points", type=int, help=f"SiT checkpoints scored (default: {base.eval_points})")
+    p.add_argument(
+        "--eval-points", type=positive_int, help=f"SiT checkpoints scored (default: {base.eval_points})"
+    )
     p.add_argument("--score", help=f"probe score correlated with gFD (default: {base.score})")
     add_config_arguments(
         p,

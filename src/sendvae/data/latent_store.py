@@ -169,13 +169,95 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
             f"{root} is not a latent store: {MANIFEST_FILE} is missing{hint}; create one with "
             "`sendvae cache-latents --vae VAE --data ... --output-dir DIR`"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is not a JSON manifest ({type(e).__name__}); cache the latents again"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(manifest).__name__}, not a manifest; cache the latents again"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: latent store format {manifest.get('format_version')!r} is not supported (this sendvae "
             f"reads version {FORMAT_VERSION}); cache the latents again"
         )
+    check_manifest(path, manifest)
     return manifest
+
+
+def _entry(
+    path: Path, node: Any, dotted: str, kind: type | tuple[type, ...], lo: int | None = None, prefix: str = ""
+) -> Any:
+    """``node[dotted]`` of a manifest (or of the part of it at ``prefix``), of type ``kind`` (an int is never
+    a bool) and >= ``lo``; else a one-line error naming the file and the key."""
+    dotted_in = dotted
+    dotted = prefix + dotted
+    for part in dotted_in.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{path}: {dotted} is missing; cache the latents again")
+        node = node[part]
+    if node is None and type(None) in (kind if isinstance(kind, tuple) else (kind,)):
+        return None
+    ok = isinstance(node, kind) and not (isinstance(node, bool) and kind is not bool)
+    if not ok or (lo is not None and node < lo):
+        want = getattr(kind, "__name__", "a valid value") + (f" >= {lo}" if lo is not None else "")
+        raise ValueError(
+            f"{path}: {dotted}: expected {want}, got {str(node)[:60]!r}; cache the latents again"
+        )
+    return node
+
+
+def _shard_file(path: Path, name: Any, where: str) -> str:
+    """A shard file name: a plain name inside the store folder, never a path out of it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{path}: {where}: {str(name)[:60]!r} is not a file name inside the store")
+    return name
+
+
+def check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Every key the readers use, with its type and range, and each shard's files inside the store: a
+    malformed manifest is one error line naming the file and the key, never a traceback or a partial read."""
+    _entry(path, m, "resolution", int, 1)
+    shape = _entry(path, m, "latent_shape", list)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise ValueError(f"{path}: latent_shape: expected [C, h, w] of positive integers, got {shape!r}")
+    if m.get("dtype") not in STORE_DTYPES:
+        raise ValueError(f"{path}: dtype: {m.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
+    _entry(path, m, "dataset", dict)
+    _entry(path, m, "dataset.num_classes", int, 1)
+    _entry(path, m, "vae.fingerprint", str)
+    teacher = _entry(path, m, "teacher", (dict, type(None)))
+    if teacher is not None:
+        _entry(path, m, "teacher.name", str)
+        _entry(path, m, "teacher.tokens", int, 1)
+        _entry(path, m, "teacher.embed_dim", int, 1)
+    for key in ("mean", "std"):
+        v = _entry(path, m, f"latent_stats.{key}", list)
+        good = all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+        if len(v) != shape[0] or not good or (key == "std" and not all(x > 0 for x in v)):
+            raise ValueError(f"{path}: latent_stats.{key}: expected {shape[0]} finite numbers (std > 0)")
+    shards = _entry(path, m, "shards", list)
+    if not shards:
+        raise ValueError(f"{path}: shards: the store holds no shard; cache the latents again")
+    keys = {"moments", "labels"} | ({"features"} if teacher is not None else set())
+    for k, rec in enumerate(shards):
+        where = f"shards[{k}]"
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: {where}: expected an object, got {str(rec)[:60]!r}")
+        _entry(path, rec, "count", int, 0, prefix=f"{where}.")
+        files = _entry(path, rec, "files", dict, prefix=f"{where}.")
+        sizes = _entry(path, rec, "sizes", dict, prefix=f"{where}.")
+        if set(files) != keys or set(sizes) != keys:
+            raise ValueError(f"{path}: {where}.files: expected the files {sorted(keys)}, got {sorted(files)}")
+        for key in keys:
+            _shard_file(path, files[key], f"{where}.files.{key}")
+            _entry(path, sizes, key, int, 0, prefix=f"{where}.sizes.")
+    total = sum(rec["count"] for rec in shards)
+    if "num_images" in m and _entry(path, m, "num_images", int, 0) != total:
+        raise ValueError(f"{path}: num_images: {m['num_images']} but the shards hold {total}")
 
 
 def select_flip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -231,7 +313,7 @@ class LatentStore(Dataset):
             )
         self.with_features = with_features
         self._offsets = np.cumsum([0] + [s["count"] for s in self.shards])  # shard k: [off[k], off[k+1])
-        self.labels = np.concatenate([np.load(self.root / s["files"]["labels"]) for s in self.shards])
+        self.labels = np.concatenate([self._check_arrays(k) for k in range(len(self.shards))])
         stats = self.manifest["latent_stats"]
         # exact moments over every image and its mirror (cache-latents); what a SiT trained here uses
         self.stats = LatentStats(
@@ -239,6 +321,40 @@ class LatentStore(Dataset):
         )
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._pid = os.getpid()
+
+    def _check_arrays(self, k: int) -> np.ndarray:
+        """Shard k's arrays agree with the manifest (count, shapes, dtypes, labels < num_classes): a store
+        whose arrays say otherwise is refused, never read in part. Returns the shard's labels."""
+        rec, m = self.shards[k], self.manifest
+        count, (c, h, w) = rec["count"], m["latent_shape"]
+        expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            "moments": ((count, 2, 2, c, h, w), np.dtype(STORE_DTYPES[m["dtype"]])),
+            "labels": ((count,), np.dtype(np.int64)),
+        }
+        if m["teacher"] is not None:
+            t = m["teacher"]
+            expected["features"] = ((count, 2, t["tokens"], t["embed_dim"]), np.dtype(FEATURE_DTYPE))
+        arrays = {}
+        for key, (shape, dtype) in expected.items():
+            p = self.root / rec["files"][key]
+            try:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"{p} is not a readable .npy array ({e}); cache the latents again") from None
+            if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+                raise ValueError(
+                    f"{p} holds {arr.dtype} {arr.shape}, but {self.root / MANIFEST_FILE} records "
+                    f"{dtype} {shape} (shards[{k}].count {count}); cache the latents again"
+                )
+            arrays[key] = arr
+        labels = np.array(arrays["labels"])
+        n = self.num_classes
+        if len(labels) and (labels.min() < 0 or labels.max() >= n):
+            raise ValueError(
+                f"{self.root / rec['files']['labels']} holds labels outside [0, {n}) (dataset.num_classes "
+                f"of {self.root / MANIFEST_FILE}); cache the latents again"
+            )
+        return labels
 
     # -- metadata
     @property

@@ -42,10 +42,12 @@ NOISE_BLOCK = 32
 class SamplerConfig:
     mode: str = option("ode", "ode (deterministic) or sde (Euler-Maruyama)", choices=("ode", "sde"))
     method: str = option("euler", "ODE solver (the SDE is always Euler-Maruyama)", choices=("euler", "heun"))
-    steps: int = option(50, "solver steps (ODE) or grid points (SDE); the SDE makes `steps` model calls")
+    steps: int = option(
+        50, "solver steps (ODE) or grid points (SDE); the SDE makes `steps` model calls", min=1
+    )
     cfg_scale: float = option(1.0, "classifier-free guidance scale (1 = none, no unconditional pass)")
-    guidance_low: float = option(0.0, "guidance only for t >= this")
-    guidance_high: float = option(1.0, "guidance only for t <= this")
+    guidance_low: float = option(0.0, "guidance only for t >= this", min=0, max=1)
+    guidance_high: float = option(1.0, "guidance only for t <= this", min=0, max=1)
     last_step: float = option(0.04, "SDE: the last noisy time; one noiseless step follows to 0")
     precision: str = option("fp32", "model compute: fp32, or bf16 autocast", choices=("fp32", "bf16"))
 

@@ -11,7 +11,6 @@ never a guess.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
+from ..runtime.weights import malformed, read_json
 
 if TYPE_CHECKING:
     from ..models.sit import SiT
@@ -53,7 +53,8 @@ def stats_from_path(path: str | os.PathLike) -> LatentStats:
     if path.is_dir():
         path = path / "latents.json"
     if path.suffix == ".json" and path.is_file():
-        return LatentStats.from_dict(json.loads(path.read_text()))
+        with malformed(path, "latent stats"):
+            return LatentStats.from_dict(read_json(path, "latent stats"))
     mean, std = load_latent_stats(path)
     return LatentStats.from_tensors(mean, std)
 
@@ -72,7 +73,12 @@ def _joint_state(raw: Any) -> dict[str, Any] | None:
     return part if isinstance(part, dict) and "model_config" in part else None
 
 
-def _from_train_state(raw: dict[str, Any], weights: str, path: Path) -> tuple[SiT, dict[str, Any]]:
+def _from_train_state(raw: Any, weights: str, path: Path) -> tuple[SiT, dict[str, Any]]:
+    with malformed(path, "training state"):  # a crafted or foreign file: one line naming it
+        return _read_train_state(raw, weights, path)
+
+
+def _read_train_state(raw: dict[str, Any], weights: str, path: Path) -> tuple[SiT, dict[str, Any]]:
     """A SiT from a train-sit checkpoint (keys model, ema, model_config, config) and the run's settings, or
     from a train-vae repae checkpoint: its SiT, decoded by the VAE in the same file with the statistics of
     its latent BatchNorm at that step."""

@@ -13,11 +13,12 @@ stays on the device: no `.item()` or other host syncs, so the step can run async
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..config import option, positive
 from ..losses.align import mean_token_cosine
 
 PATHS = ("linear",)
@@ -27,15 +28,16 @@ T_SAMPLERS = ("uniform", "logit_normal")
 
 @dataclass
 class TransportConfig:
-    path: str = field(default="linear", metadata={"help": "interpolant: linear, x_t = (1 - t) x + t eps"})
-    prediction: str = field(default="v", metadata={"help": "model target: v (velocity eps - x)"})
-    t_sampler: str = field(
-        default="uniform",
-        metadata={"help": "t distribution: uniform U(0, 1) | logit_normal (sigmoid of N(mean, std))"},
+    path: str = option("linear", "interpolant: linear, x_t = (1 - t) x + t eps", choices=PATHS)
+    prediction: str = option("v", "model target: v (velocity eps - x)", choices=PREDICTIONS)
+    t_sampler: str = option(
+        "uniform",
+        "t distribution: uniform U(0, 1) | logit_normal (sigmoid of N(mean, std))",
+        choices=T_SAMPLERS,
     )
-    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal: mean of logit(t)"})
-    logit_std: float = field(default=1.0, metadata={"help": "logit_normal: std of logit(t)"})
-    proj_coeff: float = field(default=0.5, metadata={"help": "REPA: weight of the alignment term"})
+    logit_mean: float = option(0.0, "logit_normal: mean of logit(t)")
+    logit_std: float = option(1.0, "logit_normal: std of logit(t)", check=positive)
+    proj_coeff: float = option(0.5, "REPA: weight of the alignment term", min=0)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (

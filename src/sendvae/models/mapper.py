@@ -14,9 +14,8 @@ noise injection ("diffusion-aware" alignment) makes the mapper see latents as th
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -25,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..config import from_dict
+from ..config import from_dict, option, positive
 from ..diffusion.transport import T_SAMPLERS, draw_t
-from ..runtime.weights import read_weights
+from ..runtime.weights import malformed, read_json, read_weights
 from .layers import Attention, build_projector, init_vit_weights, mlp, sincos_pos_embed_2d
 
 
@@ -35,39 +34,38 @@ class GridMismatchError(ValueError):
     """The latent grid cannot be patchified onto the teacher's token grid."""
 
 
+GRID_MISMATCH_MODES = ("error", "resample_teacher")
+LATENT_NORMS = ("running", "fixed", "none")
+
+
 @dataclass
 class MapperConfig:
-    depth: int = field(default=1, metadata={"help": "ViT blocks in the mapper; 0 = MLP projector only"})
-    hidden_dim: int | None = field(default=None, metadata={"help": "block width; None = teacher width"})
-    num_heads: int | None = field(
-        default=None, metadata={"help": "attention heads; None = hidden_dim // 64 (12 at 768, 16 at 1024)"}
+    depth: int = option(1, "ViT blocks in the mapper; 0 = MLP projector only", min=0)
+    hidden_dim: int | None = option(None, "block width; None = teacher width", min=1)
+    num_heads: int | None = option(
+        None, "attention heads; None = hidden_dim // 64 (12 at 768, 16 at 1024)", min=1
     )
-    mlp_ratio: float = field(default=4.0, metadata={"help": "ViT MLP hidden width / block width"})
-    projector_dim: int = field(default=2048, metadata={"help": "hidden width of the 3-layer SiLU projector"})
-    patch_size: int | None = field(
-        default=None, metadata={"help": "latent patch size; None = chosen so tokens match the teacher grid"}
+    mlp_ratio: float = option(4.0, "ViT MLP hidden width / block width", check=positive)
+    projector_dim: int = option(2048, "hidden width of the 3-layer SiLU projector", min=1)
+    patch_size: int | None = option(
+        None, "latent patch size; None = chosen so tokens match the teacher grid", min=1
     )
-    grid_mismatch: str = field(
-        default="error",
-        metadata={
-            "help": "when no integer patch size maps the latent grid onto the teacher grid: 'error', or "
-            "'resample_teacher' (the trainer resamples teacher tokens to `mapper.token_grid`)"
-        },
+    grid_mismatch: str = option(
+        "error",
+        "when no integer patch size maps the latent grid onto the teacher grid: 'error', or "
+        "'resample_teacher' (the trainer resamples teacher tokens to `mapper.token_grid`)",
+        choices=GRID_MISMATCH_MODES,
     )
-    noise: bool = field(default=True, metadata={"help": "diffusion-aware noise injection z_t in training"})
-    t_sampling: str = field(default="uniform", metadata={"help": "t distribution: uniform | logit_normal"})
-    latent_norm: str = field(
-        default="running",
-        metadata={"help": "running (batch stats, EMA for eval) | fixed (the VAE's latent stats) | none"},
+    noise: bool = option(True, "diffusion-aware noise injection z_t in training")
+    t_sampling: str = option("uniform", "t distribution: uniform | logit_normal", choices=T_SAMPLERS)
+    latent_norm: str = option(
+        "running",
+        "running (batch stats, EMA for eval) | fixed (the VAE's latent stats) | none",
+        choices=LATENT_NORMS,
     )
-    norm_momentum: float = field(default=0.1, metadata={"help": "EMA momentum of the running statistics"})
-    norm_eps: float = field(
-        default=1e-4, metadata={"help": "variance epsilon (REPA-E's latent BN uses 1e-4)"}
-    )
-    qk_norm: bool = field(default=False, metadata={"help": "LayerNorm on queries and keys per head"})
-
-
-GRID_MISMATCH_MODES = ("error", "resample_teacher")
+    norm_momentum: float = option(0.1, "EMA momentum of the running statistics", min=0, max=1)
+    norm_eps: float = option(1e-4, "variance epsilon (REPA-E's latent BN uses 1e-4)", check=positive)
+    qk_norm: bool = option(False, "LayerNorm on queries and keys per head")
 
 
 class TeacherLike(Protocol):
@@ -102,9 +100,6 @@ def _closest_patch_size(latent_grid: tuple[int, int], teacher_grid: tuple[int, i
     (lh, lw), (th, tw) = latent_grid, teacher_grid
     candidates = [p for p in range(1, min(lh, lw) + 1) if lh % p == 0 and lw % p == 0]
     return min(candidates, key=lambda p: (abs(math.log(lh * lw / p**2 / (th * tw))), -p))
-
-
-LATENT_NORMS = ("running", "fixed", "none")
 
 
 def _is_distributed() -> bool:
@@ -381,15 +376,16 @@ def load_mapper(export_dir: str | Path) -> Mapper:
     meta_path = d / "mapper.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"no mapper.json in {d}: this VAE was exported without an alignment mapper")
-    meta = json.loads(meta_path.read_text())
-    m = Mapper(
-        meta["latent_channels"],
-        tuple(meta["latent_grid"]),
-        meta["teacher_dim"],
-        tuple(meta["teacher_grid"]),
-        from_dict(MapperConfig, meta["config"]),
-    )
-    m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
+    meta = read_json(meta_path, "mapper record")
+    with malformed(meta_path, "mapper record"):
+        m = Mapper(
+            meta["latent_channels"],
+            tuple(meta["latent_grid"]),
+            meta["teacher_dim"],
+            tuple(meta["teacher_grid"]),
+            from_dict(MapperConfig, meta["config"], source=str(meta_path)),
+        )
+        m.load_state_dict(read_weights(d / "mapper.safetensors", "mapper weights"))
     return m.eval()
 
 
@@ -401,7 +397,8 @@ def load_vf_projector(export_dir: str | Path) -> VFProjector:
     d = Path(export_dir)
     if not (d / VF_FILES[1]).exists():
         raise FileNotFoundError(f"no {VF_FILES[1]} in {d}: this VAE was not trained with --loss.align vf")
-    meta = json.loads((d / VF_FILES[1]).read_text())
-    proj = VFProjector(meta["latent_channels"], meta["teacher_dim"])
-    proj.load_state_dict(read_weights(d / VF_FILES[0], "VF projector weights"))
+    meta = read_json(d / VF_FILES[1], "VF projector record")
+    with malformed(d / VF_FILES[1], "VF projector record"):
+        proj = VFProjector(meta["latent_channels"], meta["teacher_dim"])
+        proj.load_state_dict(read_weights(d / VF_FILES[0], "VF projector weights"))
     return proj.eval()

@@ -15,7 +15,6 @@ heads (`analysis.downstream`); `patch_tokens` is that read-out.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict
-from ..runtime.weights import read_weights
+from ..runtime.weights import malformed, read_json, read_weights
 from .layers import build_projector, init_vit_weights
 from .mapper import Mapper, MapperConfig
 
@@ -95,13 +94,14 @@ def load_reals_head(export_dir: str | Path) -> RealsHead:
         raise FileNotFoundError(
             f"no {REALS_FILES[1]} in {d}: this VAE was not trained with --loss.align reals"
         )
-    meta = json.loads(meta_path.read_text())
-    head = RealsHead(
-        meta["latent_channels"],
-        tuple(meta["latent_grid"]),
-        meta["teacher_dim"],
-        tuple(meta["teacher_grid"]),
-        from_dict(MapperConfig, meta["config"]),
-    )
-    head.load_state_dict(read_weights(d / REALS_FILES[0], "ReaLS head weights"))
+    meta = read_json(meta_path, "ReaLS head record")
+    with malformed(meta_path, "ReaLS head record"):
+        head = RealsHead(
+            meta["latent_channels"],
+            tuple(meta["latent_grid"]),
+            meta["teacher_dim"],
+            tuple(meta["teacher_grid"]),
+            from_dict(MapperConfig, meta["config"], source=str(meta_path)),
+        )
+        head.load_state_dict(read_weights(d / REALS_FILES[0], "ReaLS head weights"))
     return head.eval()

@@ -22,7 +22,6 @@ released SiT file, so do not pass one.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import torch
 
 from sendvae.models.sit import CONFIG_FILE, FORMAT_VERSION, SIT_MODELS, WEIGHTS_FILE, SiT, SiTConfig
 from sendvae.runtime.checkpoint import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
+
+from ..runtime.weights import malformed, read_json
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,8 @@ def _read_checkpoint(
     sd, where = find_state_dict(
         raw, _ANCHOR, (*nests, "state_dict", "module"), source=f"SiT checkpoint {path}"
     )
-    stored = SiTConfig.from_dict(raw["sit_config"]) if isinstance(raw.get("sit_config"), dict) else None
+    with malformed(path, "SiT checkpoint"):
+        stored = SiTConfig.from_dict(raw["sit_config"]) if isinstance(raw.get("sit_config"), dict) else None
     return sd, stored, _args_dict(raw), where
 
 
@@ -235,12 +237,14 @@ def _read_export(folder: Path) -> tuple[dict[str, torch.Tensor], SiTConfig, dict
     weights, meta_path = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     if not (weights.exists() and meta_path.exists()):
         raise FileNotFoundError(f"{folder} is not a SiT export: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "sendvae.SiT":
-        raise ValueError(f"{meta_path} is not a sendvae SiT config (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; upgrade sendvae")
-    return read_checkpoint(weights), SiTConfig.from_dict(meta["config"]), {}, "export"
+    meta = read_json(meta_path, "SiT config")
+    with malformed(meta_path, "SiT config"):
+        if meta.get("format") != "sendvae.SiT":
+            raise ValueError(f"{meta_path} is not a sendvae SiT config (format={meta.get('format')!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path} has format_version {meta['format_version']}; upgrade sendvae")
+        cfg = SiTConfig.from_dict(meta["config"])
+    return read_checkpoint(weights), cfg, {}, "export"
 
 
 def _check_pos_embed(model: SiT, pos: torch.Tensor, path: Path) -> None:

@@ -9,7 +9,6 @@ never a silent partial load.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +25,8 @@ from sendvae.models.vae_diffusers import (
     diffusers_to_ldm,
 )
 from sendvae.runtime.checkpoint import CheckpointMismatchError, find_state_dict, load_checked, read_checkpoint
+
+from ..runtime.weights import malformed, read_json
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,9 @@ def parse_latent_stats(d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] |
 def load_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a stats file (.pt/.json/.safetensors) in any format `parse_latent_stats` knows."""
     path = Path(path)
-    d = json.loads(path.read_text()) if path.suffix == ".json" else read_checkpoint(path)
-    stats = parse_latent_stats(d)
+    d = read_json(path, "latent stats") if path.suffix == ".json" else read_checkpoint(path)
+    with malformed(path, "latent stats"):
+        stats = parse_latent_stats(d)
     if stats is None:
         raise ValueError(f"{path} holds no latent stats; expected keys like latent_mean/latent_std")
     return stats
@@ -226,7 +228,8 @@ def _read_file(
         stats = load_latent_stats(sidecar)
         log.info("VAE: latent stats from %s", sidecar)
     if cfg is None and isinstance(raw.get("vae_config"), dict):
-        cfg = VAEConfig.from_dict(raw["vae_config"])
+        with malformed(path, "VAE checkpoint"):
+            cfg = VAEConfig.from_dict(raw["vae_config"])
     if cfg is None:
         cfg = infer_vae_config(vae_sd)
         log.info("VAE: no config given; inferred from tensor shapes: %s", cfg.describe())
@@ -243,16 +246,18 @@ def _read_folder(
             f"{path} is not a VAE folder: expected config.json and one of {list(DIFFUSERS_WEIGHTS)}"
         )
     meta_path = path / SENDVAE_JSON
-    dif_cfg = json.loads((path / "config.json").read_text())
+    dif_cfg = read_json(path / "config.json", "VAE config")
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format_version {meta['format_version']}; upgrade sendvae")
-        cfg = cfg or VAEConfig.from_dict(meta["config"])
-        stats = parse_latent_stats(meta)
+        meta = read_json(meta_path, "VAE record")
+        with malformed(meta_path, "VAE record"):
+            if meta.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{meta_path} has format_version {meta['format_version']}; upgrade sendvae")
+            cfg = cfg or VAEConfig.from_dict(meta["config"])
+            stats = parse_latent_stats(meta)
     else:
-        cfg = cfg or config_from_diffusers(dif_cfg)
-        stats = parse_latent_stats(dif_cfg)
+        with malformed(path / "config.json", "VAE config"):
+            cfg = cfg or config_from_diffusers(dif_cfg)
+            stats = parse_latent_stats(dif_cfg)
         if dif_cfg.get("scaling_factor") is not None:  # one scalar; we keep per-channel stats instead
             log.info("VAE: ignoring scaling_factor %s of %s", dif_cfg["scaling_factor"], path)
     raw = read_checkpoint(weights, map_location)

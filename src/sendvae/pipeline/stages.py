@@ -61,7 +61,29 @@ class Stages:
         return self.path(name).is_file()
 
     def load(self, name: str) -> dict[str, Any]:
-        return json.loads(self.path(name).read_text())
+        """The stage's record; a broken one (not JSON, not an object, without its summary, settings or
+        seconds) is one error line naming the file, never a result taken on trust."""
+        path = self.path(name)
+        try:
+            rec = json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = f"is not JSON ({type(e).__name__})"
+        else:
+            kinds: dict[str, type | tuple[type, ...]] = {
+                "summary": str,
+                "settings": dict,
+                "seconds": (int, float),
+            }
+            if not isinstance(rec, dict):
+                problem = f"holds a JSON {type(rec).__name__}, not a stage record"
+            else:
+                bad = [
+                    k for k, t in kinds.items() if not isinstance(rec.get(k), t) or isinstance(rec[k], bool)
+                ]
+                if not bad:
+                    return rec
+                problem = f"lacks a valid {', '.join(bad)}"
+        raise ValueError(f"{path} {problem}; delete it to run stage '{name}' again")
 
     def run(self, name: str, fn: StageFn, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """The stage's result: the recorded one when it finished before with these settings, else fn()."""

@@ -46,12 +46,20 @@ def resolve_device(name: str = "auto", local_rank: int = 0, option: str = "--dev
     error when a GPU is asked for and there is none."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but no CUDA GPU is available; use {option} cpu")
+            raise ValueError(f"{option} {name}: no CUDA GPU is available; use {option} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"{option} {name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {name}: MPS is not available; use {option} cpu")
     return dev
 
 

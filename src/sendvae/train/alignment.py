@@ -50,7 +50,6 @@ SiT's first blocks) is one more entry here:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +63,7 @@ from ..losses.align import LossAndLogs, cosine_alignment_loss, reals_loss, vf_lo
 from ..losses.vae_loss import AlignInputs
 from ..models.mapper import VF_FILES, Mapper, VFProjector, load_mapper, load_vf_projector
 from ..models.reals import REALS_FILES, RealsHead, load_reals_head, split_reals_output
+from ..runtime.weights import read_json
 from .export import export_mapper, export_reals, export_vf
 from .repae import JOINT_LOGGED, SiTAlignHead, build_repae_head, joint_of
 
@@ -368,7 +368,7 @@ def load_exported_head(export_dir: str | Path) -> ExportedHead:
             f"train-vae run with --loss.align one of {variants}"
         )
     meta_file = next(f for f in found[0].exports if f.endswith(".json"))
-    meta = json.loads((d / meta_file).read_text())
+    meta = read_json(d / meta_file, "alignment head record")
     # sendvae and repa export the same files; the recorded variant decides (both read out alike)
     entry = next((a for a in found if a.name == meta.get("align")), found[0])
     assert entry.load is not None  # found holds loadable entries only

@@ -15,15 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import option
+from ..config import device_name, nonempty, option
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = option("runs", "folder that holds the run folders")
-    exp_name: str | None = option(None, "run folder name under output_dir (default: the preset name)")
-    seed: int = option(0, "global seed: every random draw of a step comes from (seed, step, rank)")
-    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    output_dir: str = option("runs", "folder that holds the run folders", check=nonempty)
+    exp_name: str | None = option(
+        None, "run folder name under output_dir (default: the preset name)", check=nonempty
+    )
+    seed: int = option(0, "global seed: every random draw of a step comes from (seed, step, rank)", min=0)
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", check=device_name)
     precision: str = option(
         "auto",
         "autocast dtype for the networks; auto = bf16 on GPU, fp32 on CPU",
@@ -32,17 +34,19 @@ class RunConfig:
     tf32: bool = option(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs")
     compile: bool = option(False, "torch.compile the trained network")
     channels_last: bool = option(True, "channels_last memory format for the conv networks on GPU")
-    log_every: int = option(50, "steps between log lines / stats.jsonl rows")
-    ckpt_every: int = option(1000, "steps between training-state checkpoints (0 = only at the end)")
-    keep_ckpts: int = option(2, "how many training-state checkpoints to keep (0 = all)")
-    sample_every: int = option(1000, "steps between image grids (0 = only at the end)")
+    log_every: int = option(50, "steps between log lines / stats.jsonl rows", min=1)
+    ckpt_every: int = option(1000, "steps between training-state checkpoints (0 = only at the end)", min=0)
+    keep_ckpts: int = option(2, "how many training-state checkpoints to keep (0 = all)", min=0)
+    sample_every: int = option(1000, "steps between image grids (0 = only at the end)", min=0)
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
-    stats_images: int = option(2048, "images used to measure the per-channel latent mean/std at export")
+    stats_images: int = option(
+        2048, "images used to measure the per-channel latent mean/std at export", min=2
+    )
     fault_nan_steps: tuple[int, ...] = option(
-        (), "testing aid: steps whose input batch is made NaN", hidden=True
+        (), "testing aid: steps whose input batch is made NaN", hidden=True, min=1
     )
     fault_exit_step: int | None = option(
-        None, "testing aid: exit abruptly (no cleanup) after this step", hidden=True
+        None, "testing aid: exit abruptly (no cleanup) after this step", hidden=True, min=1
     )
 
 

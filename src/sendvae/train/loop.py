@@ -34,7 +34,7 @@ from ..data.sampler import StepBatchSampler
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..runtime.log import RunLogger
-from ..runtime.weights import WeightsError
+from ..runtime.weights import WeightsError, malformed
 from .common import MetricSums, fused_adamw, step_seed
 from .resume import FREE_COMMON, refused_changes, refused_length
 
@@ -160,20 +160,24 @@ class TrainerBase:
                 )
             return
         path, st = found
-        # through the config class: a field added since the checkpoint was written takes its default
-        saved = to_dict(from_dict(type(self.cfg), st.get("config", {}), strict=False))
+        with malformed(path, "training state"):  # a crafted or foreign file: one line naming it
+            if not isinstance(st, dict):
+                raise TypeError(f"holds a {type(st).__name__}, not a training state")
+            # through the config class: a field added since the checkpoint was written takes its default
+            saved = to_dict(from_dict(type(self.cfg), st.get("config", {}), strict=False, source=str(path)))
+            step = int(st["step"])
         refused = refused_changes(saved, to_dict(self.cfg), self.resume_free)
         if refused:
             raise ValueError(
                 f"run folder {self.run_dir} holds an experiment with another config "
                 f"({'; '.join(refused[:8])}); pass the same options to resume it, or a new --exp-name"
             )
-        step = int(st["step"])
         shorter = refused_length(step, self.max_steps)
         if shorter:
             raise ValueError(f"run folder {self.run_dir}: {shorter}")
-        self.load_state(st)
-        self.nan_steps.fill_(float(st.get("nan_steps", 0)))
+        with malformed(path, "training state"):
+            self.load_state(st)
+            self.nan_steps.fill_(float(st.get("nan_steps", 0)))
         self.step = step
         if self.dist.is_main:
             self.log.truncate_stats(self.step)  # the steps after the checkpoint are replayed

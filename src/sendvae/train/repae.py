@@ -40,7 +40,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..config import option
+from ..config import option, positive
 from ..diffusion.transport import T_SAMPLERS, TransportConfig, interpolate, sample_t, training_losses
 from ..models.latent_stats import LatentStats
 from ..models.mapper import GRID_MISMATCH_MODES, LatentNorm
@@ -62,22 +62,28 @@ class JointSiTConfig:
 
     model: str = option("SiT-XL/2", "repae: SiT size and patch (as train-sit's --model.model)",
                         choices=tuple(SIT_MODELS))  # fmt: skip
-    depth: int | None = option(None, "repae: override the SiT preset's depth (small experiments)")
-    hidden_size: int | None = option(None, "repae: override the SiT preset's width")
-    num_heads: int | None = option(None, "repae: override the SiT preset's number of heads")
+    depth: int | None = option(None, "repae: override the SiT preset's depth (small experiments)", min=1)
+    hidden_size: int | None = option(None, "repae: override the SiT preset's width", min=1)
+    num_heads: int | None = option(None, "repae: override the SiT preset's number of heads", min=1)
     encoder_depth: int = option(
-        8, "repae: the VAE's alignment and the SiT's REPA read the tokens after this block"
+        8, "repae: the VAE's alignment and the SiT's REPA read the tokens after this block", min=1
     )
-    projector_dim: int = option(2048, "repae: REPA projector MLP width")
+    projector_dim: int = option(2048, "repae: REPA projector MLP width", min=1)
     qk_norm: bool = option(False, "repae: normalise the SiT's queries and keys per head")
-    class_dropout: float = option(0.1, "repae: label dropout of the SiT's update (classifier-free guidance)")
+    class_dropout: float = option(
+        0.1, "repae: label dropout of the SiT's update (classifier-free guidance)", min=0, max=1
+    )
     unconditional: bool = option(False, "repae: ignore the labels (one class)")
-    ema_decay: float = option(0.9999, "repae: EMA decay of the SiT per step (the EMA is exported)")
-    lr: float = option(1e-4, "repae: AdamW learning rate of the SiT, constant (REPA-E: 1e-4)")
-    proj_coeff: float = option(0.5, "repae: REPA weight in the SiT's own loss (REPA-E: 0.5)")
+    ema_decay: float = option(
+        0.9999, "repae: EMA decay of the SiT per step (the EMA is exported)", min=0, max=1
+    )
+    lr: float = option(1e-4, "repae: AdamW learning rate of the SiT, constant (REPA-E: 1e-4)", check=positive)
+    proj_coeff: float = option(0.5, "repae: REPA weight in the SiT's own loss (REPA-E: 0.5)", min=0)
     t_sampler: str = option("uniform", "repae: t distribution of both updates", choices=T_SAMPLERS)
-    norm_momentum: float = option(0.1, "repae: momentum of the latent BatchNorm (REPA-E: 0.1)")
-    norm_eps: float = option(1e-4, "repae: variance epsilon of the latent BatchNorm (REPA-E: 1e-4)")
+    norm_momentum: float = option(0.1, "repae: momentum of the latent BatchNorm (REPA-E: 0.1)", min=0, max=1)
+    norm_eps: float = option(
+        1e-4, "repae: variance epsilon of the latent BatchNorm (REPA-E: 1e-4)", check=positive
+    )
     grid_mismatch: str = option(
         "error",
         "repae: when the SiT's token grid is not the teacher's: 'error' (REPA-E aligns them one to one), or "

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict
+from ..config import config_record
 from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
 from ..runtime.lock import rank0_folder_lock
 
@@ -49,7 +49,7 @@ def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: 
         # (train/resume.py); only then is config.json written, so a failed start leaves no false record.
         trainer = make_trainer(cfg, dist, run_dir, log)
         if dist.is_main:
-            atomic_write_json(to_dict(cfg), run_dir / "config.json")
+            atomic_write_json(config_record(cfg), run_dir / "config.json")
         trainer.train()
         if dist.is_main:
             trainer.check_finite()

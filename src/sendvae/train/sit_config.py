@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PresetRegistry, option
+from ..config import PresetRegistry, option, positive, unit_interval
 from ..diffusion.transport import TransportConfig
 from ..models.sit import SIT_MODELS
 from .common import RunConfig
@@ -21,7 +21,7 @@ from .common import RunConfig
 @dataclass
 class SiTDataConfig:
     store: str | None = option(None, "latent store folder written by `sendvae cache-latents`")
-    num_workers: int = option(4, "DataLoader worker processes per rank")
+    num_workers: int = option(4, "DataLoader worker processes per rank", min=0)
     hflip: bool = option(True, "draw the latent of the image or of its mirror at random (both are cached)")
     sample_posterior: bool = option(True, "z = mean + std * eps (True) or the posterior mean (False)")
     teacher: str | None = option(
@@ -36,16 +36,18 @@ class SiTDataConfig:
 @dataclass
 class SiTModelConfig:
     model: str = option("SiT-XL/2", "SiT size and patch (REPA's --model)", choices=tuple(SIT_MODELS))
-    depth: int | None = option(None, "override the preset's depth (small experiments)")
-    hidden_size: int | None = option(None, "override the preset's width")
-    num_heads: int | None = option(None, "override the preset's number of heads")
-    encoder_depth: int = option(8, "REPA: the projector reads the tokens after this block (1..depth)")
-    projector_dim: int = option(2048, "REPA: projector MLP width")
+    depth: int | None = option(None, "override the preset's depth (small experiments)", min=1)
+    hidden_size: int | None = option(None, "override the preset's width", min=1)
+    num_heads: int | None = option(None, "override the preset's number of heads", min=1)
+    encoder_depth: int = option(8, "REPA: the projector reads the tokens after this block (1..depth)", min=1)
+    projector_dim: int = option(2048, "REPA: projector MLP width", min=1)
     qk_norm: bool = option(False, "normalise queries and keys per head")
-    class_dropout: float = option(0.1, "label dropout to the null class (for classifier-free guidance)")
+    class_dropout: float = option(
+        0.1, "label dropout to the null class (for classifier-free guidance)", min=0, max=1
+    )
     unconditional: bool = option(False, "ignore the labels (one class)")
     grad_checkpointing: bool = option(False, "recompute block activations in the backward pass")
-    ema_decay: float = option(0.9999, "EMA decay per step")
+    ema_decay: float = option(0.9999, "EMA decay per step", min=0, max=1)
     vae: str | None = option(
         None, "the VAE the store must come from (path or preset); checked, and used to decode sample grids"
     )
@@ -54,14 +56,16 @@ class SiTModelConfig:
 
 @dataclass
 class SiTOptimConfig:
-    batch_size: int = option(256, "global batch size (split across ranks)")
-    lr: float = option(1e-4, "AdamW learning rate")
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
-    grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)")
-    epochs: float | None = option(80.0, "training length in epochs of the store (if max_steps is unset)")
-    max_steps: int | None = option(None, "training length in steps (overrides epochs)")
+    batch_size: int = option(256, "global batch size (split across ranks)", min=1)
+    lr: float = option(1e-4, "AdamW learning rate", check=positive)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps", min=0)
+    grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)", min=0)
+    epochs: float | None = option(
+        80.0, "training length in epochs of the store (if max_steps is unset)", check=positive
+    )
+    max_steps: int | None = option(None, "training length in steps (overrides epochs)", min=1)
 
 
 @dataclass
@@ -70,11 +74,12 @@ class SiTEvalConfig:
         0,
         "steps between proxy FD evaluations: FD_<teacher> of EMA samples vs the VAE's decodings of store "
         "latents, in stats.jsonl (0 = off; needs --vae)",
+        min=0,
     )
-    fd_samples: int = option(1000, "samples (and reference latents) per proxy FD")
+    fd_samples: int = option(1000, "samples (and reference latents) per proxy FD", min=2)
     fd_teacher: str = option("efficientnet-lite0", "teacher whose pooled features give the proxy FD")
     fd_teacher_weights: str | None = option(None, "weights file/folder of --eval.fd_teacher")
-    fd_steps: int = option(32, "Euler ODE steps of the proxy FD samples")
+    fd_steps: int = option(32, "Euler ODE steps of the proxy FD samples", min=1)
     fd_cfg_scale: float = option(1.0, "guidance scale of the proxy FD samples")
 
 
@@ -83,7 +88,9 @@ class SiTLatentsConfig:
     mean: tuple[float, ...] | None = option(
         None, "per-channel latent mean the SiT models (z - mean) / std with (default: the store's, at step 0)"
     )
-    std: tuple[float, ...] | None = option(None, "per-channel latent std (default: the store's, at step 0)")
+    std: tuple[float, ...] | None = option(
+        None, "per-channel latent std (default: the store's, at step 0)", check=positive
+    )
     vae_fingerprint: str | None = option(None, "weights fingerprint of the VAE the latents come from (set)")
 
 

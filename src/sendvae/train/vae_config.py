@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PresetRegistry, option
+from ..config import PresetRegistry, option, positive, unit_interval
 from ..data.config import DataConfig
 from ..models.mapper import MapperConfig
 from .alignment import ALIGNMENTS, alignment_help
@@ -36,10 +36,10 @@ class ModelConfig:
     vae: str = option("f16d32", "VAE architecture preset (see `sendvae info`)")
     vae_ckpt: str | None = option(None, "initial VAE weights: LDM .ckpt, diffusers folder, or .pt state dict")
     disc_ckpt: str | None = option(None, "initial PatchGAN discriminator weights")
-    disc_ndf: int = option(64, "discriminator base width")
-    disc_layers: int = option(3, "discriminator depth")
+    disc_ndf: int = option(64, "discriminator base width", min=1)
+    disc_layers: int = option(3, "discriminator depth", min=0)
     ema: bool = option(False, "keep an EMA of the VAE weights (exported instead of the raw weights)")
-    ema_decay: float = option(0.9999, "EMA decay per step")
+    ema_decay: float = option(0.9999, "EMA decay per step", min=0, max=1)
     gradient_checkpointing: bool = option(False, "recompute VAE activations in the backward pass")
     sample_posterior: bool = option(True, "decode z ~ q(z|x) (True) or the posterior mean (False)")
 
@@ -51,26 +51,28 @@ class TeacherConfig:
     random_init: bool = option(False, "random teacher weights (tests and benchmarks only)")
     allow_download: bool = option(False, "let timm/HF download the teacher weights (needs network)")
     input_size: int | None = option(
-        None, "teacher input side in pixels (default: the teacher's rule, 224 x res / 256 for patch-14 ViTs)"
+        None,
+        "teacher input side in pixels (default: the teacher's rule, 224 x res / 256 for patch-14 ViTs)",
+        min=1,
     )
 
 
 @dataclass
 class LossConfig:
     align: str = option("sendvae", alignment_help(), choices=tuple(ALIGNMENTS))  # train/alignment.py
-    align_weight: float = option(1.0, "lambda_align")
-    vf_margin_cos: float = option(0.5, "VF loss: cosine margin m_c")
-    vf_margin_dist: float = option(0.25, "VF loss: distance-matrix margin m_d")
+    align_weight: float = option(1.0, "lambda_align", min=0)
+    vf_margin_cos: float = option(0.5, "VF loss: cosine margin m_c", min=0)
+    vf_margin_dist: float = option(0.25, "VF loss: distance-matrix margin m_d", min=0)
     vf_adaptive: bool = option(
         True, "VF loss: adaptive weight ||grad nll|| / ||grad vf|| at the encoder output"
     )
-    reals_patch_weight: float = option(1.0, "ReaLS: weight of the patch-level cosine term")
+    reals_patch_weight: float = option(1.0, "ReaLS: weight of the patch-level cosine term", min=0)
     reals_global_weight: float = option(
-        1.0, "ReaLS: weight of the global cosine term (vs the teacher's pooled feature)"
+        1.0, "ReaLS: weight of the global cosine term (vs the teacher's pooled feature)", min=0
     )
     recon: str = option("l1", "reconstruction loss", choices=("l1", "mse"))
-    recon_weight: float = option(1.0, "reconstruction weight")
-    lpips_weight: float = option(1.0, "perceptual (LPIPS) weight; 0 disables")
+    recon_weight: float = option(1.0, "reconstruction weight", min=0)
+    lpips_weight: float = option(1.0, "perceptual (LPIPS) weight; 0 disables", min=0)
     lpips_variant: str = option(
         "stlpips",
         "lpips: the standard metric (Zhang et al. v0.1; torchvision ImageNet trunk + lpips lin heads, "
@@ -88,27 +90,31 @@ class LossConfig:
         "default: torch's hub cache)",
     )
     lpips_random_init: bool = option(False, "random LPIPS weights (tests and benchmarks only)")
-    kl_weight: float = option(1e-6, "KL weight (KL summed over latent elements, averaged over the batch)")
-    gan_weight: float = option(0.1, "generator adversarial weight; 0 disables the discriminator")
-    gan_start: int = option(0, "step at which the discriminator and the adversarial term start")
+    kl_weight: float = option(
+        1e-6, "KL weight (KL summed over latent elements, averaged over the batch)", min=0
+    )
+    gan_weight: float = option(0.1, "generator adversarial weight; 0 disables the discriminator", min=0)
+    gan_start: int = option(0, "step at which the discriminator and the adversarial term start", min=0)
     gan_adaptive: bool = option(
         False, "taming's adaptive weight ||grad nll|| / ||grad g|| at the decoder output"
     )
-    lecam_weight: float = option(0.0, "LeCam regularisation weight for the discriminator")
+    lecam_weight: float = option(0.0, "LeCam regularisation weight for the discriminator", min=0)
     disc_loss: str = option("hinge", "discriminator loss", choices=("hinge", "non_saturating"))
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = option(1024, "global batch size (split across ranks)")
-    lr: float = option(3e-4, "AdamW learning rate for the VAE and mapper")
-    disc_lr: float | None = option(None, "discriminator learning rate (default: lr)")
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
-    grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)")
-    epochs: float | None = option(80.0, "training length in epochs of the dataset (if max_steps is unset)")
-    max_steps: int | None = option(None, "training length in steps (overrides epochs)")
+    batch_size: int = option(1024, "global batch size (split across ranks)", min=1)
+    lr: float = option(3e-4, "AdamW learning rate for the VAE and mapper", check=positive)
+    disc_lr: float | None = option(None, "discriminator learning rate (default: lr)", check=positive)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps", min=0)
+    grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)", min=0)
+    epochs: float | None = option(
+        80.0, "training length in epochs of the dataset (if max_steps is unset)", check=positive
+    )
+    max_steps: int | None = option(None, "training length in steps (overrides epochs)", min=1)
     freeze_decoder: bool = option(False, "train only the encoder (+ mapper)")
 
 
