@@ -12,7 +12,11 @@ def test_readme_commands_match_ci():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     install_run, install_test = blocks[0].strip(), blocks[1].strip()
-    assert install_run == "pip install -e . && sendvae demo"  # the main job: the whole pipeline
+    # the main job: the embedded real dataset (Debian package), then the whole pipeline
+    apt = "$(command -v sudo) sh -c 'apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist'"
+    assert install_run == f"{apt}; pip install -e . && sendvae demo"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y -qq dataset-fashion-mnist" in ci  # the real-data tests run in CI
     ci = (ROOT / ".ci" / "run").read_text()
     assert install_test in ci.splitlines(), "the CI must run the README's test command verbatim"
 

@@ -3,11 +3,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from sendvae.cli import main
 from sendvae.pipeline.study_config import study_config
-from sendvae.pipeline.study_report import aggregate, verdict
+from sendvae.pipeline.study_report import analyse, verdict
 
 
 @pytest.mark.slow
@@ -22,44 +23,71 @@ def test_study_runs_every_variant_from_one_init_and_resumes(tmp_path, capsys):
     for run in report["runs"].values():
         assert run["steps"] == [6, 12] and len(run["gfd"]) == 2  # scored at each eval point
         assert all(math.isfinite(v) for v in [*run["gfd"], run["gfd_cfg"], run["rfd"], run["psnr"]])
+    row = report["analysis"]["variants"]["sendvae"]["gfd"]
+    assert row["low"] <= row["mean"] <= row["high"]
+    assert "sendvae - none:gfd" in report["analysis"]["paired"]
+    assert report["judge"]["metric"] in ("FD_fmnist-cnn", "FD_shapes-cnn")
     # both fine-tunes start from the one shared VAE
     for name in ("none-s0", "sendvae-s0"):
         cfg = json.loads((out / "runs" / name / "vae" / "config.json").read_text())
         assert cfg["model"]["vae_ckpt"] == str(out / "pretrain" / "export" / "vae")
         assert cfg["loss"]["align"] == name.split("-")[0]
     md = (out / "study.md").read_text()
-    assert "| none |" in md and "| sendvae |" in md and "## Verdict" in md
+    assert "| none |" in md and "| sendvae |" in md and "## Verdict" in md and "## Paired differences" in md
     capsys.readouterr()
     assert main(argv) == 0  # a rerun loads every finished stage
     err = capsys.readouterr().err
-    assert "[pretrain] done earlier" in err
-    assert err.count("] done earlier") == 2 + 2 * 6  # pretrain, heads + (vae ... downstream) x 2
-    # an interrupted study's report so far: only the finished runs
+    assert "[pretrain] done earlier" in err and "[judge] done earlier" in err
+    assert err.count("] done earlier") == 2 + 2 * 6  # pretrain, judge + (vae ... downstream) x 2
+    # an interrupted study's report so far: only the finished runs, and nothing run or rewritten
     import shutil
 
     shutil.rmtree(out / "runs" / "sendvae-s0" / "stages")
+    kept = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
     assert main([*argv, "--report-only"]) == 0
     assert set(json.loads((out / "study.json").read_text())["runs"]) == {"none-s0"}
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == kept
+    assert "] ..." not in capsys.readouterr().err  # no stage ran
     assert main(["study", "--scale", "ci", "--output-dir", str(tmp_path / "empty"), "--report-only"]) != 0
+    assert not (tmp_path / "empty").exists()
 
 
-def _run(variant, seed, gfd, probe):
-    return {"variant": variant, "seed": seed, "gfd": [gfd + 10, gfd], "steps": [1, 2], "gfd_cfg": gfd,
-            "class_accuracy_cfg": 0.5, "rfd": 1.0, "psnr": 20.0, "probe": {"top5_recall": probe},
-            "score": "top5_recall"}  # fmt: skip
+def _fake_run(root, variant, seed, acc, fd_shift, rng):
+    """A finished run's record and per-sample arrays: hits with rate `acc`, features N(fd_shift, 1)."""
+    d = root / f"{variant}-s{seed}"
+    d.mkdir(parents=True)
+    n = 500
+    hits = rng.random(n) < acc
+    feats = rng.normal(fd_shift, 1.0, (n, 4)).astype(np.float32)
+    np.savez(d / "scores.npz", step10_feats=feats, step10_hits=hits, cfg_feats=feats, cfg_hits=hits)
+    np.savez(d / "recon.npz", feats=feats, hits=hits, psnr=rng.normal(20 + fd_shift, 1.0, n))
+    return {"variant": variant, "seed": seed, "dir": str(d), "steps": [10], "gfd": [0.0],
+            "probe": {"class_accuracy": acc}, "score": "class_accuracy"}  # fmt: skip
 
 
-def test_verdict_reads_the_numbers_not_the_hopes():
+def test_intervals_and_verdict_read_the_numbers_not_the_hopes(tmp_path):
     cfg = study_config("ci")
-    cfg.variants = ("none", "sendvae")
-    runs = {f"{v}-s{s}": _run(v, s, g + s, p) for v, g, p in (("none", 10.0, 0.5), ("sendvae", 20.0, 0.7))
-            for s in (0, 1)}  # fmt: skip
-    agg = aggregate(cfg, runs)
-    assert agg["none"]["gfd"] == (10.5, pytest.approx(0.7071, abs=1e-4))
-    lines = verdict(cfg, agg, r=0.9)
-    assert lines[0].startswith("sendvae does NOT have the best (lowest) final gFD")
-    assert "sendvae has the best attribute-probe score" in lines[2]
-    assert "no negative correlation" in lines[3]
+    cfg.variants, cfg.seeds = ("none", "repa", "sendvae"), (0, 1, 2)
+    rng = np.random.default_rng(0)
+    runs = {}
+    for seed in cfg.seeds:  # sendvae clearly worse than none in accuracy; repa indistinguishable from none
+        for v, acc, shift in (("none", 0.8, 0.0), ("repa", 0.8, 0.0), ("sendvae", 0.5, 1.0)):
+            runs[f"{v}-s{seed}"] = _fake_run(tmp_path, v, seed, acc, shift, rng)
+    ref = (np.zeros(4), np.eye(4))
+    out = analyse(cfg, runs, ref, reps=100)
+    worse = out["paired"]["sendvae - none:acc_cfg"]
+    assert worse["resolved"] and worse["high"] < 0 and worse["mean"] == pytest.approx(-0.3, abs=0.05)
+    gfd = out["paired"]["sendvae - none:gfd"]
+    assert gfd["resolved"] and gfd["low"] > 0  # FD 4 * 1^2 further from the reference
+    same = out["paired"]["repa - none:acc_cfg"]
+    assert not same["resolved"] and same["seeds_needed"] > 3
+    lines = verdict(cfg, out, (0.9, 0.5, 0.99))
+    assert any(line.startswith("sendvae vs none, class accuracy (CFG)") and "resolved: sendvae is worse" in line
+               for line in lines)  # fmt: skip
+    assert any(
+        line.startswith("repa vs none, class accuracy (CFG)") and "NOT resolved" in line for line in lines
+    )
+    assert "positive" in lines[-1]
 
 
 def test_each_variant_trains_with_its_papers_alignment_weight():

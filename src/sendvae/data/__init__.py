@@ -10,6 +10,8 @@ build_dataset(cfg)                         any of the above from a ``DataConfig`
 
 from __future__ import annotations
 
+import torch
+
 from .config import DataConfig
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolderDataset, center_crop_adm
@@ -34,7 +36,35 @@ __all__ = [
 
 
 def build_dataset(cfg, seed: int = 0):
-    """Dataset for a ``DataConfig`` (fields: name, path, resolution, shapes_length, shapes_scene)."""
+    """Dataset for a ``DataConfig`` (fields: name, path, resolution, shapes_length, shapes_scene, subset)."""
+    ds = _build_dataset(cfg, seed)
+    n = getattr(cfg, "subset", None)
+    if n is None or cfg.name == "shapes":
+        return ds
+    if n < 1 or n > len(ds):
+        raise ValueError(f"--data.subset {n}: the dataset has {len(ds)} images; pass 1..{len(ds)} or none")
+    return FirstN(ds, n)
+
+
+class FirstN(torch.utils.data.Dataset):
+    """The first `n` items of a dataset, its class names kept (``classes`` / ``class_names``)."""
+
+    def __init__(self, dataset, n: int) -> None:
+        self.dataset, self.n = dataset, int(n)
+        for attr in ("classes", "class_names", "num_classes", "resolution"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i % self.n]
+
+
+def _build_dataset(cfg, seed: int = 0):
     if cfg.name == "shapes":
         scene = getattr(cfg, "shapes_scene", "full")
         return ShapesDataset(

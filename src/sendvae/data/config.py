@@ -26,3 +26,6 @@ class DataConfig:
         "shapes scene: full (textured backgrounds, second objects) or simple (one object, flat background)",
         choices=("full", "simple"),
     )
+    subset: int | None = option(
+        None, "use only the first N images (prepared / imagefolder / fashion-mnist; none: all of them)"
+    )

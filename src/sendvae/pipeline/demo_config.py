@@ -31,10 +31,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import option
+from ..data.embedded import EMBEDDED
 
 
 @dataclass
 class DemoData:
+    dataset: str = option(
+        "fashion-mnist",
+        "embedded dataset: fashion-mnist (real images; the shapes stand in where it is not installed) or "
+        "shapes (procedural, with ground-truth attributes)",
+        choices=EMBEDDED,
+    )
+    path: str | None = option(None, "Fashion-MNIST folder (default: the Debian package's)")
     resolution: int = option(32, "image side in pixels")
     scene: str = option(
         "simple",
@@ -91,9 +99,10 @@ class DemoSample:
 @dataclass
 class DemoEval:
     ref_images: int = option(1000, "held-out real images for FD (and as many reconstructions)")
-    probe_train: int = option(2000, "real images the class probe is fitted on")
-    probe_test: int = option(500, "held-out real images the class probe is checked on")
-    attr_images: int = option(2000, "images of the attribute probes")
+    probe_train: int = option(2000, "images the downstream heads train on (the shapes' masks and depth)")
+    attr_images: int = option(2000, "images of the latent probes (class probe; shapes: attribute probes)")
+    judge_images: int | None = option(None, "training images of the judge (none: the whole training split)")
+    judge_epochs: int = option(3, "training epochs of the judge")
 
 
 @dataclass
@@ -112,12 +121,12 @@ class DemoConfig:
 def _gpu() -> DemoConfig:
     return DemoConfig(
         scale="gpu",
-        data=DemoData(resolution=64, scene="full", teacher_input=128),
+        data=DemoData(teacher_input=128),
         vae=DemoVAE(pretrain_steps=3000, steps=2000, batch_size=64, lpips_weight=0.1),
         latents=DemoLatents(num_images=20000),
-        sit=DemoSiT(model="SiT-S/2", depth=8, width=256, encoder_depth=4, steps=8000, batch_size=256),
+        sit=DemoSiT(depth=8, width=256, encoder_depth=4, steps=8000, batch_size=256),
         sample=DemoSample(num_samples=4000, steps=64),
-        eval=DemoEval(ref_images=5000, probe_train=5000, probe_test=1000, attr_images=5000),
+        eval=DemoEval(ref_images=5000, probe_train=5000, attr_images=5000),
     )
 
 
@@ -128,7 +137,7 @@ def _ci() -> DemoConfig:
         latents=DemoLatents(num_images=256),
         sit=DemoSiT(steps=30, batch_size=32, warmup=5),
         sample=DemoSample(num_samples=64, steps=8),
-        eval=DemoEval(ref_images=128, probe_train=192, probe_test=64, attr_images=200),
+        eval=DemoEval(ref_images=128, probe_train=192, attr_images=200, judge_images=4096, judge_epochs=1),
     )
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..config import to_dict
-from .demo import cache_stage, train_sit_stage, train_vae_stage
-from .quality import Judge
+from ..evaluation.scoring import ImageSet, Scorer
+from .demo import cache_stage, judge_recipe, train_sit_stage, train_vae_stage
 from .stages import Stages
 from .study_config import StudyConfig, paper_align_weight
 
@@ -45,67 +45,75 @@ def eval_steps(cfg: StudyConfig) -> list[int]:
     return sorted({min(total, every * (i + 1)) for i in range(k - 1)} | {total})
 
 
-def _score_sit(cfg: StudyConfig, root: Path, judge: Judge, progress: bool) -> dict[str, Any]:
+def _save_scores(path: Path, **arrays: np.ndarray) -> None:
+    from ..runtime.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+
+
+def _judged(scorer: Scorer, images: torch.Tensor, labels: np.ndarray) -> tuple[dict[str, Any], dict]:
+    """(scores, per-sample arrays): the judge's features and hits of every image, for the intervals."""
+    feats, pred = scorer.judge._run(images)
+    scores = scorer.samples(images, labels)
+    return scores, {"feats": feats.astype(np.float32), "hits": pred == labels}
+
+
+def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> dict[str, Any]:
+    """Samples at every eval point (no guidance) and at the end with CFG, judged; the per-sample features
+    and hits go to ROOT/scores.npz (what the study's intervals resample)."""
     from ..diffusion.generate import generate
     from ..diffusion.sampling import SamplerConfig
 
     s = cfg.base.sample
-    out: dict[str, Any] = {"steps": [], "gfd": [], "class_accuracy": []}
-    for step in eval_steps(cfg):
-        npz = generate(
-            root / "sit",
-            s.num_samples,
-            SamplerConfig(steps=s.steps),
-            root / "samples",
-            train_steps=step,
-            seed=0,
-            label_sampling="equal",
-            device=cfg.base.device,
-            progress=progress,
-        )
-        with np.load(npz) as z:
-            scores = judge.scores(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2), z["arr_1"])
-        out["steps"].append(step)
-        out["gfd"].append(scores["fd"])
-        out["class_accuracy"].append(scores["class_accuracy"])
-    npz = generate(
-        root / "sit",
-        s.num_samples,
-        SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale),
-        root / "samples",
-        seed=0,
-        label_sampling="equal",
-        device=cfg.base.device,
-        progress=progress,
-    )
-    with np.load(npz) as z:
-        guided = judge.scores(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2), z["arr_1"])
-    out["gfd_cfg"], out["class_accuracy_cfg"] = guided["fd"], guided["class_accuracy"]
+    out: dict[str, Any] = {"steps": [], "gfd": [], "class_accuracy": [], "gfd_teacher": []}
+    arrays: dict[str, np.ndarray] = {}
+    sets = [(step, SamplerConfig(steps=s.steps)) for step in eval_steps(cfg)]
+    sets.append((cfg.base.sit.steps, SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
+    for k, (step, sampler) in enumerate(sets):
+        npz = generate(root / "sit", s.num_samples, sampler, root / "samples", train_steps=step, seed=0,
+                       label_sampling="equal", device=cfg.base.device, progress=progress)  # fmt: skip
+        images = ImageSet.from_npz(npz)
+        scores, per = _judged(scorer, images.images, images.labels)
+        name = "cfg" if k == len(sets) - 1 else f"step{step}"
+        arrays.update({f"{name}_feats": per["feats"], f"{name}_hits": per["hits"]})
+        if k == len(sets) - 1:
+            out["gfd_cfg"], out["class_accuracy_cfg"] = scores["fd_judge"], scores["class_accuracy"]
+            out["gfd_teacher_cfg"] = scores.get("fd_teacher", float("nan"))
+        else:
+            out["steps"].append(step)
+            out["gfd"].append(scores["fd_judge"])
+            out["class_accuracy"].append(scores["class_accuracy"])
+            out["gfd_teacher"].append(scores.get("fd_teacher", float("nan")))
+    _save_scores(root / "scores.npz", **arrays)
     out["summary"] = (
-        f"gFD {' -> '.join(f'{v:.1f}' for v in out['gfd'])} at SiT steps {out['steps']}; "
-        f"CFG {s.cfg_scale:g}: gFD {guided['fd']:.1f}, class accuracy {guided['class_accuracy']:.0%}"
+        f"gFD {' -> '.join(f'{v:.2f}' for v in out['gfd'])} at SiT steps {out['steps']}, class accuracy "
+        f"{out['class_accuracy'][-1]:.0%}; CFG {s.cfg_scale:g}: gFD {out['gfd_cfg']:.2f}, class accuracy "
+        f"{out['class_accuracy_cfg']:.0%}"
     )
     return out
 
 
-def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, judge: Judge, recon_set) -> dict[str, Any]:
+def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, emb) -> dict[str, Any]:
+    """Reconstructions of the held-out images (rFD, class accuracy, PSNR per image to ROOT/recon.npz, SSIM)
+    and the probe score of the latents."""
     from ..analysis.report import probe_models
-    from ..metrics.recon import ReconMetrics, reconstruct
+    from ..metrics.recon import psnr
     from ..models.vae_io import load_vae
     from ..runtime.distributed import resolve_device
 
     device = resolve_device(cfg.base.device)
     vae = load_vae(vae_export).to(device)
-    metrics, recons = ReconMetrics(), []
-    for x, y in reconstruct(vae, recon_set, cfg.base.eval.ref_images, 64, device):
-        metrics.update(x, y)
-        recons.append(y)
-    rfd = judge.fd(torch.cat(recons))
+    n = cfg.base.eval.ref_images
+    scores, orig, rec = scorer.reconstructions(vae, emb.split("eval"), n, device=device)
+    per_image = psnr(orig.images, rec.images).double().numpy()
+    _, per = _judged(scorer, rec.images, rec.labels)
+    _save_scores(root / "recon.npz", feats=per["feats"], hits=per["hits"], psnr=per_image)
     b = cfg.base
     probe = probe_models(
         root / "probe",
         vaes=[("vae", vae_export)],
-        data="shapes",
+        data=emb.name,
+        data_root=emb.path,
         num_images=b.eval.attr_images,
         resolution=b.data.resolution,
         seed=0,
@@ -115,12 +123,23 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, judge: Judge, reco
         progress=False,
         echo=False,
     )["results"]["vae"]["summary"]
-    out = {"rfd": rfd, **metrics.result(), "probe": probe}
+    score = probe_score_name(cfg, emb)
+    out = {"rfd": scores["fd_judge"], "rfd_teacher": scores.get("fd_teacher", float("nan")),
+           "recon_class_accuracy": scores["class_accuracy"], "psnr": scores["psnr"], "ssim": scores["ssim"],
+           "probe": probe, "score": score}  # fmt: skip
     out["summary"] = (
-        f"rFD {rfd:.1f}, PSNR {out['psnr']:.2f} dB, "
-        f"probe {cfg.score} {probe.get(cfg.score, float('nan')):.3f}"
+        f"rFD {out['rfd']:.2f}, class accuracy {out['recon_class_accuracy']:.0%}, PSNR {out['psnr']:.2f} dB, "
+        f"probe {score} {probe.get(score, float('nan')):.3f}"
     )
     return out
+
+
+def probe_score_name(cfg: StudyConfig, emb) -> str:
+    """The probe score the study correlates with gFD: the linear class probe's accuracy on Fashion-MNIST
+    latents, the attribute probes' top-5 recall on the shapes (their ground-truth attributes)."""
+    if cfg.score != "auto":
+        return cfg.score
+    return "class_accuracy" if emb.name == "fashion-mnist" else "top5_recall"
 
 
 def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
@@ -138,13 +157,15 @@ def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
     }
 
 
-def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str) -> dict[str, Any]:
+def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str | None) -> dict[str, Any]:
     """mIoU / AbsRel / delta<1.25 of the heads read through the variant's alignment head from encoded real
     images (NaN for a variant that exports no read-out head)."""
     from ..analysis.downstream import downstream_scores
     from ..train.alignment import ALIGNMENTS
 
     keys = ("miou", "fg_iou", "abs_rel", "delta1")
+    if heads is None:
+        return {**{k: float("nan") for k in keys}, "summary": "no downstream task on this dataset"}
     if ALIGNMENTS[variant].load is None:
         return {**{k: float("nan") for k in keys}, "summary": "no read-out head exported"}
     s = downstream_scores(vae_export, heads, num_images=256, device=cfg.base.device)["scores"]
@@ -154,30 +175,17 @@ def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str) -> 
     return out
 
 
-def build_judge(cfg: StudyConfig) -> tuple[Judge, Any]:
-    """The shared yardstick: FD reference and class probe on real images no run trains on, and the
-    held-out images every VAE reconstructs."""
-    from ..data.shapes import ShapesDataset, scene_config
+def build_scorer(cfg: StudyConfig, emb) -> Scorer:
+    """The shared yardstick: the judge (trained once per machine on the real training split) with its FD
+    reference on held-out real images no run trains on, and the teacher's FD as a secondary column."""
+    from ..evaluation.judge import load_judge
     from ..metrics.features import FeatureExtractor
     from ..runtime.distributed import resolve_device
-    from .quality import render
 
-    d, e = cfg.base.data, cfg.base.eval
-
-    def shapes(seed: int) -> ShapesDataset:
-        return ShapesDataset(scene_config(d.scene, resolution=d.resolution, seed=seed))
-
-    fx = FeatureExtractor(
-        d.teacher, resolution=d.resolution, input_size=d.teacher_input, device=resolve_device(cfg.base.device)
-    )
-    probe_set = shapes(1002)
-    judge = Judge(
-        fx,
-        render(shapes(1001), range(e.ref_images)),
-        render(probe_set, range(e.probe_train)),
-        render(probe_set, range(e.probe_train, e.probe_train + e.probe_test)),
-    )
-    return judge, shapes(1003)
+    d, device = cfg.base.data, resolve_device(cfg.base.device)
+    judge = load_judge(emb, judge_recipe(cfg.base), device=device)
+    fx = FeatureExtractor(d.teacher, resolution=d.resolution, input_size=d.teacher_input, device=device)
+    return Scorer(judge, ImageSet.take(emb.split("reference"), cfg.base.eval.ref_images), fx)
 
 
 def run_study(
@@ -189,53 +197,100 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or continue) the study in `output_dir`; returns the aggregated results and writes the tables.
 
-    report_only: run nothing; tabulate the runs that finished (an interrupted study's report so far).
+    report_only: run nothing, write nothing but the tables: tabulate the runs whose every stage finished
+    (an interrupted study's report so far; it may run beside the study that fills the folder).
     """
+    from ..data.embedded import resolve
     from .study_report import write_study_report
 
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    settings = to_dict(cfg)
-    common = {"base": settings["base"]}
     st = Stages(root)
-    if report_only and not (st.done("pretrain") and st.done("heads")):
-        raise ValueError(f"{root}: no study has run here yet; run `sendvae study --output-dir {root}`")
-    init = st.run("pretrain", lambda: train_vae_stage(cfg.base, root), common)["export"]
-    judge, recon_set = build_judge(cfg)
-    heads = st.run("heads", lambda: _train_heads(cfg, root), common)["heads"]
-    st.echo(f"[judge] class probe on real images: {judge.real_accuracy:.0%} held-out accuracy")
-    runs: dict[str, dict[str, Any]] = {}
-    for seed in cfg.seeds:  # seed-major: a shortened study still has every variant
+    d = cfg.base.data
+    emb = resolve(d.dataset, d.path, d.resolution, d.scene)
+    if emb.note:
+        st.echo(f"[data] {emb.note}")
+        cfg = dataclasses.replace(
+            cfg, base=dataclasses.replace(cfg.base, data=dataclasses.replace(d, dataset="shapes"))
+        )
+    if report_only:
+        if not (st.done("pretrain") and st.done("judge")):
+            raise ValueError(f"{root}: no study has run here yet; run `sendvae study --output-dir {root}`")
+        runs = {name: rec for name, rec in _finished_runs(cfg, root).items()}
+        if not runs:
+            raise ValueError(f"{root}: no run of the study has finished yet")
+        return write_study_report(cfg, root, runs, st.load("judge"))
+    root.mkdir(parents=True, exist_ok=True)
+    with st.lock():
+        st.echo(f"[data] {emb.description}")
+        common = {"base": to_dict(cfg)["base"]}
+        init = st.run("pretrain", lambda: train_vae_stage(cfg.base, root), common)["export"]
+        scorer = build_scorer(cfg, emb)
+        judge = st.run("judge", lambda: _judge_stage(scorer, emb, root), common)
+        if judge["fingerprint"] != scorer.judge.fingerprint:
+            raise ValueError(f"{root}: scored by another judge ({judge['name']}); use another --output-dir")
+        heads = None
+        if emb.name == "shapes":  # the downstream tasks are the shapes' masks and depth maps
+            heads = st.run("heads", lambda: _train_heads(cfg, root), common)["heads"]
+        for seed in cfg.seeds:  # seed-major: a shortened study still has every variant
+            for variant in cfg.variants:
+                rdir = root / "runs" / run_name(variant, seed)
+                _one_run(cfg, rdir, variant, seed, init, scorer, emb, st, progress, heads)
+        return write_study_report(cfg, root, _finished_runs(cfg, root), judge)
+
+
+def _judge_stage(scorer: Scorer, emb, root: Path) -> dict[str, Any]:
+    """Record the judge every run is scored by, and its reference statistics (ROOT/reference.npz)."""
+    j = scorer.judge
+    assert j.ref_stats is not None  # set by the Scorer
+    _save_scores(root / "reference.npz", mu=j.ref_stats[0], sigma=j.ref_stats[1])
+    return {
+        "name": j.name,
+        "metric": j.metric_name,
+        "test_accuracy": j.test_accuracy,
+        "test_per_class": j.test_per_class,
+        "fingerprint": j.fingerprint,
+        "teacher_metric": scorer.teacher_metric,
+        "dataset": emb.description,
+        "summary": f"{j.name}: {j.test_accuracy:.1%} on held-out test images",
+    }
+
+
+RUN_STAGES = ("vae", "latents", "sit", "scores", "vae-scores", "downstream")
+
+
+def _finished_runs(cfg: StudyConfig, root: Path) -> dict[str, dict[str, Any]]:
+    """{run name: its record} of every (variant, seed) whose stages all finished (read only)."""
+    runs = {}
+    for seed in cfg.seeds:
         for variant in cfg.variants:
             name = run_name(variant, seed)
-            if report_only and not Stages(root / "runs" / name).done("downstream"):
-                continue
-            runs[name] = _one_run(
-                cfg, root / "runs" / name, variant, seed, init, judge, recon_set, st, progress, heads
-            )
-    if not runs:
-        raise ValueError(f"{root}: no run of the study has finished yet")
-    return write_study_report(cfg, root, runs, judge.metric_name, judge.real_accuracy)
+            rst = Stages(root / "runs" / name)
+            if all(rst.done(k) for k in RUN_STAGES):
+                rec: dict[str, Any] = {"variant": variant, "seed": seed, "dir": str(root / "runs" / name)}
+                for k in ("scores", "vae-scores"):
+                    rec.update(_strip(rst.load(k)))
+                rec["downstream"] = _strip(rst.load("downstream"))
+                runs[name] = rec
+    return runs
 
 
-def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, judge: Judge, recon_set, st: Stages,
-             progress: bool, heads: str) -> dict[str, Any]:  # fmt: skip
+def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, scorer: Scorer, emb, st: Stages,
+             progress: bool, heads: str | None) -> None:  # fmt: skip
     """Fine-tune, cache, SiT, scores of one (variant, seed), each a recorded stage of the run's folder."""
     name = run_name(variant, seed)
     rst = Stages(rdir, echo=lambda line: st.echo(f"{name} {line}"))
     key = {"base": to_dict(cfg)["base"], "variant": variant, "seed": seed}
     sit_key = {**key, "eval_points": cfg.eval_points}
     run_cfg = _variant(cfg, variant, seed)
-    vae = rst.run("vae", lambda: train_vae_stage(run_cfg, rdir, init), key)["export"]
-    store = rst.run("latents", lambda: cache_stage(run_cfg, rdir, vae, progress), key)["store"]
-    every = eval_steps(cfg)[0]  # checkpoints at the eval points, all kept
-    rst.run("sit", lambda: train_sit_stage(run_cfg, rdir, store, vae, ckpt_every=every,
-                                           keep=cfg.eval_points + 1), sit_key)  # fmt: skip
-    gen = rst.run("scores", lambda: _score_sit(cfg, rdir, judge, progress), sit_key)
-    vae_scores = rst.run("vae-scores", lambda: _score_vae(cfg, rdir, vae, judge, recon_set), key)
-    down = rst.run("downstream", lambda: _downstream(cfg, variant, vae, heads), key)
-    return {"variant": variant, "seed": seed, **_strip(gen), **_strip(vae_scores),
-            "downstream": _strip(down)}  # fmt: skip
+    with rst.lock():
+        vae = rst.run("vae", lambda: train_vae_stage(run_cfg, rdir, init), key)["export"]
+        store = rst.run("latents", lambda: cache_stage(run_cfg, rdir, vae, progress), key)["store"]
+        every = eval_steps(cfg)[0]  # checkpoints at the eval points, all kept
+        rst.run("sit", lambda: train_sit_stage(run_cfg, rdir, store, vae, ckpt_every=every,
+                                               keep=cfg.eval_points + 1), sit_key)  # fmt: skip
+        rst.run("scores", lambda: _score_sit(cfg, rdir, scorer, progress), sit_key)
+        rst.run("vae-scores", lambda: _score_vae(cfg, rdir, vae, scorer, emb), key)
+        rst.run("downstream", lambda: _downstream(cfg, variant, vae, heads), key)
 
 
 def _strip(rec: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""The study's tables and plots: per variant mean and spread over seeds, the convergence curve, the
-probe-vs-gFD scatter with Pearson r, and the verdict on the paper's ordering, computed, not written."""
+"""The study's tables and plots, with intervals: per variant the mean, the standard deviation over seeds and
+a 95% interval (two-level bootstrap over seeds and samples, `evaluation.stats`); the paired difference of
+each variant against `none` and against the claimed variant; the probe-vs-gFD correlation with its
+interval; and the verdict, computed from the intervals (resolved or not, and what would resolve it).
+
+Metrics (all in the judge's space, never the teacher's the VAEs align to; FD_<teacher> is a secondary
+column): gFD = FD_<judge> of the samples at the end of SiT training (no guidance), gFD CFG, class accuracy
+of the CFG samples (and without guidance), rFD = FD_<judge> of the VAE's reconstructions, PSNR.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import platform
@@ -13,114 +21,146 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis.measures import pearson_r
+from ..evaluation.stats import FDToReference, Interval, bootstrap, mean_of, pearson_interval
 from .study_config import StudyConfig
 
-# column -> (what, lower is better)
-COLUMNS = {
-    "gfd": ("gFD at the end of SiT training, no guidance", True),
-    "gfd_cfg": ("gFD with CFG", True),
-    "class_accuracy_cfg": ("class accuracy of CFG samples", False),
-    "rfd": ("rFD of the VAE", True),
-    "psnr": ("PSNR of the VAE (dB)", False),
-    "probe_score": ("attribute-probe score", False),
-    "seg_miou": ("segmentation mIoU through the alignment head", False),
-    "depth_delta1": ("depth delta<1.25 through the alignment head", False),
+# key -> (label, lower is better, per-sample array file and key prefix)
+METRICS = {
+    "gfd": ("gFD (end, no guidance)", True),
+    "gfd_cfg": ("gFD (CFG)", True),
+    "acc": ("class accuracy (end, no guidance)", False),
+    "acc_cfg": ("class accuracy (CFG)", False),
+    "rfd": ("rFD", True),
+    "psnr": ("PSNR (dB)", False),
 }
+PAIRED = ("gfd", "acc_cfg", "rfd", "psnr")  # the paired differences reported against the baselines
 
 
-def _ms(v: tuple[float, float]) -> str:
-    return "-" if math.isnan(v[0]) else f"{v[0]:.3f} +- {v[1]:.3f}"
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def aggregate(cfg: StudyConfig, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """variant -> {column: (mean, std), "gfd_curve": [(mean, std) per eval step], "n": seeds}."""
-    out: dict[str, dict[str, Any]] = {}
-    for variant in cfg.variants:
-        rs = [r for r in runs.values() if r["variant"] == variant]
-        if not rs:
-            continue
-        row: dict[str, Any] = {"n": len(rs)}
-        for col in COLUMNS:
-            row[col] = _mean_std([_value(r, col) for r in rs])
-        curves = np.array([r["gfd"] for r in rs])  # (seeds, eval points)
-        row["gfd_curve"] = [_mean_std(list(curves[:, i])) for i in range(curves.shape[1])]
-        out[variant] = row
+def _arrays(run: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The run's per-sample arrays: scores.npz (samples) and recon.npz (reconstructions)."""
+    d = Path(run["dir"])
+    out: dict[str, np.ndarray] = {}
+    with np.load(d / "scores.npz") as z:
+        final = f"step{run['steps'][-1]}"
+        out.update(
+            gfd=z[f"{final}_feats"], acc=z[f"{final}_hits"], gfd_cfg=z["cfg_feats"], acc_cfg=z["cfg_hits"]
+        )
+        for s in run["steps"]:
+            out[f"curve{s}"] = z[f"step{s}_feats"]
+    with np.load(d / "recon.npz") as z:
+        out.update(rfd=z["feats"], psnr=z["psnr"])
     return out
 
 
-def _value(run: dict[str, Any], col: str) -> float:
-    if col == "gfd":
-        return float(run["gfd"][-1])
-    if col == "probe_score":
-        return float(run["probe"][run["score"]])
-    if col in ("seg_miou", "depth_delta1"):
-        d = run.get("downstream") or {}
-        return float(d.get("miou" if col == "seg_miou" else "delta1", float("nan")))
-    return float(run[col])
+def _stat(key: str, fd: FDToReference):
+    if key in ("gfd", "gfd_cfg", "rfd") or key.startswith("curve"):
+        return fd
+    return mean_of
 
 
-def verdict(cfg: StudyConfig, agg: dict[str, dict[str, Any]], r: float | None) -> list[str]:
-    """Does the paper's ordering hold here? One sentence per claim, from the numbers."""
-    lines = []
-    hero = cfg.claim
-    if hero in agg and len(agg) > 1:
-        for col, claim in (
-            ("gfd", "the best (lowest) final gFD"),
-            ("gfd_cfg", "the best gFD with CFG"),
-            ("probe_score", f"the best attribute-probe score ({cfg.score})"),
-        ):
-            lower = COLUMNS[col][1]
-            ranked = sorted(agg, key=lambda v: agg[v][col][0], reverse=not lower)  # best first
-            (m, s), (bm, bs) = agg[hero][col], agg[ranked[0]][col]
-            if ranked[0] != hero:
-                lines.append(
-                    f"{hero} does NOT have {claim}: {m:.3g} +- {s:.2g}; {ranked[0]} has {bm:.3g} +- {bs:.2g}."
-                )
+def analyse(cfg: StudyConfig, runs: dict[str, dict[str, Any]], ref_stats, reps: int = 200) -> dict[str, Any]:
+    """Intervals per variant and paired differences; `ref_stats` = (mu, sigma) of the judge's reference."""
+    from threadpoolctl import threadpool_limits
+
+    fd = FDToReference(*ref_stats)
+    by_variant: dict[str, list[dict[str, np.ndarray]]] = {}
+    seeds: dict[str, list[int]] = {}
+    for r in sorted(runs.values(), key=lambda r: r["seed"]):
+        by_variant.setdefault(r["variant"], []).append(_arrays(r))
+        seeds.setdefault(r["variant"], []).append(r["seed"])
+    variants = [v for v in cfg.variants if v in by_variant]
+    out: dict[str, Any] = {"variants": {}, "paired": {}}
+    with threadpool_limits(1):  # D x D products this small run faster on one BLAS thread
+        for v in variants:
+            row: dict[str, Any] = {"seeds": seeds[v]}
+            for key in METRICS:
+                row[key] = bootstrap([a[key] for a in by_variant[v]], _stat(key, fd), reps=reps).as_dict()
+            steps = next(r["steps"] for r in runs.values() if r["variant"] == v)
+            row["curve"] = [_mean_std([fd(a[f"curve{s}"]) for a in by_variant[v]]) for s in steps]
+            row["steps"] = steps
+            out["variants"][v] = row
+        for base in dict.fromkeys(("none", cfg.claim)):
+            if base not in by_variant:
                 continue
-            runner = ranked[1]
-            rm, rs = agg[runner][col]
-            if agg[hero]["n"] < 2:
-                margin = "one seed: no spread measured"
-            else:
-                margin = f"{'beyond' if abs(m - rm) > s + rs else 'within'} the seeds' standard deviations"
-            lines.append(
-                f"{hero} has {claim}: {m:.3g} +- {s:.2g} vs {runner} {rm:.3g} +- {rs:.2g} ({margin})."
-            )
-    if r is None:
+            for v in variants:
+                if v == base or seeds[v] != seeds[base]:
+                    continue  # paired only over the same seeds
+                for key in PAIRED:
+                    mine, theirs = [a[key] for a in by_variant[v]], [a[key] for a in by_variant[base]]
+                    iv = bootstrap(mine, _stat(key, fd), other=theirs, reps=reps)
+                    n = len(by_variant[v][0][key])
+                    s_need, n_need = iv.needed(len(seeds[v]), n)
+                    out["paired"][f"{v} - {base}:{key}"] = {
+                        **iv.as_dict(), "variant": v, "base": base, "metric": key,
+                        "resolved": iv.resolved, "seeds_needed": s_need, "samples_needed": n_need,
+                    }  # fmt: skip
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _iv(d: dict[str, float], digits: int = 2) -> str:
+    return (
+        f"{d['mean']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}] (sd {d['std']:.{digits}f})"
+    )
+
+
+def _digits(key: str) -> int:
+    return 3 if key.startswith("acc") else 2
+
+
+def _needed(p: dict[str, Any]) -> str:
+    s, n = p["seeds_needed"], p["samples_needed"]
+    if not math.isfinite(s):
+        return "no measurable difference"
+    what = f"~{math.ceil(s)} seeds"
+    return what + (f" or ~{math.ceil(n)} samples per run" if n is not None and math.isfinite(n) else "")
+
+
+def verdict(cfg: StudyConfig, analysis: dict[str, Any], r: tuple[float, float, float]) -> list[str]:
+    """One sentence per comparison, from the intervals: resolved (the 95% interval of the paired difference
+    excludes 0) or not, with what would resolve it."""
+    lines = []
+    for p in analysis["paired"].values():
+        label, lower = METRICS[p["metric"]]
+        d = p["mean"]
+        better = (d < 0) == lower
+        interval = f"{d:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}]"
+        if p["resolved"]:
+            lines.append(f"{p['variant']} vs {p['base']}, {label}: {interval}, resolved: {p['variant']} is "
+                         f"{'better' if better else 'worse'}.")  # fmt: skip
+        else:
+            lines.append(f"{p['variant']} vs {p['base']}, {label}: {interval}, NOT resolved (the interval "
+                         f"holds 0); resolving a difference this size needs {_needed(p)}.")  # fmt: skip
+    rv, lo, hi = r
+    if math.isnan(rv):
         lines.append("Pearson r between probe score and gFD needs at least 3 runs.")
     else:
-        strength = "a strong negative" if r <= -0.5 else "a weak negative" if r < 0 else "no negative"
+        sign = "negative" if hi < 0 else "positive" if lo > 0 else "unresolved (the interval holds 0)"
         lines.append(
-            f"Probe score vs final gFD over all runs: Pearson r = {r:.2f}, {strength} correlation "
-            "(the paper: higher probe scores go with lower gFD)."
+            f"Probe score vs final gFD over all runs: Pearson r = {rv:.2f} [{lo:.2f}, {hi:.2f}], {sign} "
+            "(the paper: higher probe scores go with lower gFD, a negative r)."
         )
     return lines
 
 
-def _plots(cfg: StudyConfig, runs: dict[str, dict[str, Any]], agg: dict, root: Path, metric: str) -> None:
+def _plots(cfg: StudyConfig, runs: dict, analysis: dict, root: Path, metric: str, score: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, row in agg.items():
-        steps = next(r["steps"] for r in runs.values() if r["variant"] == variant)
-        m = [c[0] for c in row["gfd_curve"]]
-        s = [c[1] for c in row["gfd_curve"]]
-        ax.errorbar(steps, m, yerr=s, marker="o", capsize=3, label=variant)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, row in analysis["variants"].items():
+        m = [c[0] for c in row["curve"]]
+        s = [c[1] for c in row["curve"]]
+        ax.errorbar(row["steps"], m, yerr=s, marker="o", capsize=3, label=variant)
     ax.set_xlabel("SiT training steps")
     ax.set_ylabel(f"gFD ({metric}), no guidance")
-    ax.set_title(
-        f"Convergence of the same SiT recipe per VAE variant ({len(cfg.seeds)} seeds, mean +- std)",
-        fontsize=9,
-    )
+    ax.set_title(f"The same SiT recipe per VAE variant ({len(cfg.seeds)} seeds, mean +- sd)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -128,11 +168,11 @@ def _plots(cfg: StudyConfig, runs: dict[str, dict[str, Any]], agg: dict, root: P
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for variant in agg:
+    for variant in analysis["variants"]:
         rs = [r for r in runs.values() if r["variant"] == variant]
-        ax.scatter([_value(r, "gfd") for r in rs], [_value(r, "probe_score") for r in rs], label=variant)
+        ax.scatter([r["gfd"][-1] for r in rs], [r["probe"].get(score, math.nan) for r in rs], label=variant)
     ax.set_xlabel(f"final gFD ({metric}), no guidance")
-    ax.set_ylabel(f"attribute probe {cfg.score}")
+    ax.set_ylabel(f"probe {score}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -141,111 +181,97 @@ def _plots(cfg: StudyConfig, runs: dict[str, dict[str, Any]], agg: dict, root: P
 
 
 def write_study_report(
-    cfg: StudyConfig, root: Path, runs: dict[str, dict[str, Any]], metric: str, probe_accuracy: float
+    cfg: StudyConfig, root: Path, runs: dict[str, dict[str, Any]], judge: dict[str, Any]
 ) -> dict[str, Any]:
-    for r in runs.values():
-        r["score"] = cfg.score
-    agg = aggregate(cfg, runs)
-    xs = [_value(r, "probe_score") for r in runs.values()]
-    ys = [_value(r, "gfd") for r in runs.values()]
-    r_val = pearson_r(xs, ys)[0] if len(runs) >= 3 else None
-    if r_val is not None and not math.isfinite(r_val):
-        r_val = None
-    lines = verdict(cfg, agg, r_val)
-    _plots(cfg, runs, agg, root, metric)
+    """study.md / .csv / .json and the two plots in ROOT from the finished runs; returns the json's content."""
+    from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
 
-    steps = next(iter(runs.values()))["steps"]
-    header = [
-        "variant",
-        "seeds",
-        *[f"gFD@{s}" for s in steps],
-        "gFD CFG",
-        "class acc CFG",
-        "rFD",
-        "PSNR",
-        cfg.score,
-        "seg mIoU",
-        "depth d<1.25",
-    ]
-    rows = []
-    for variant, row in agg.items():
-        cells = [variant, str(row["n"])] + [f"{m:.1f} +- {s:.1f}" for m, s in row["gfd_curve"]]
-        cells += [
-            f"{row['gfd_cfg'][0]:.1f} +- {row['gfd_cfg'][1]:.1f}",
-            f"{row['class_accuracy_cfg'][0]:.2f} +- {row['class_accuracy_cfg'][1]:.2f}",
-            f"{row['rfd'][0]:.1f} +- {row['rfd'][1]:.1f}",
-            f"{row['psnr'][0]:.2f} +- {row['psnr'][1]:.2f}",
-            f"{row['probe_score'][0]:.3f} +- {row['probe_score'][1]:.3f}",
-            _ms(row["seg_miou"]),
-            _ms(row["depth_delta1"]),
-        ]
-        rows.append(cells)
+    if not runs:
+        raise ValueError(f"{root}: no run of the study has finished yet")
+    with np.load(root / "reference.npz") as z:
+        ref = (z["mu"], z["sigma"])
+    analysis = analyse(cfg, runs, ref)
+    score = next(iter(runs.values()))["score"]
+    xs = [r["probe"].get(score, math.nan) for r in runs.values()]
+    ys = [r["gfd"][-1] for r in runs.values()]
+    r_val = pearson_interval(xs, ys)
+    lines = verdict(cfg, analysis, r_val)
+    metric = judge["metric"]
+    _plots(cfg, runs, analysis, root, metric, score)
+
+    header = ["variant", "seeds", *[lab for lab, _ in METRICS.values()], f"probe {score}",
+              f"gFD {judge.get('teacher_metric') or 'teacher'} (secondary)"]  # fmt: skip
     md = [
-        f"# sendvae study ({cfg.scale} scale)",
+        f"# sendvae study ({cfg.scale} scale): {judge.get('dataset', '')}",
         "",
-        f"gFD = {metric}: Frechet distance in the bundled teacher's pooled features against held-out real "
-        f"images ({cfg.base.eval.ref_images}), from {cfg.base.sample.num_samples} samples (as many of each "
-        f"class); the FID formula in another feature space, not FID. Class probe on real images: "
-        f"{probe_accuracy:.0%} held-out accuracy. Mean +- standard deviation over seeds.",
+        f"gFD / rFD = {metric}: Frechet distance in the penultimate features of the judge `{judge['name']}` "
+        f"(a small CNN trained from scratch on the real training images, {judge['test_accuracy']:.1%} on "
+        f"held-out test images; not the teacher the VAEs align to) against {cfg.base.eval.ref_images} held-out "
+        f"real images; {cfg.base.sample.num_samples} samples per set (as many of each class), "
+        f"{cfg.base.eval.ref_images} reconstructions. Class accuracy: the fraction of class-conditional samples "
+        "the judge reads as the class asked for. Cells: mean over seeds [95% interval, two-level bootstrap over "
+        "seeds and samples] (sd over seeds).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    md += ["| " + " | ".join(c) + " |" for c in rows]
-    md += [
-        "",
-        "## Verdict",
-        "",
-        *[f"- {line}" for line in lines],
-        "",
-        "![gFD vs SiT steps](gfd_vs_steps.png)",
-        "",
-        "![probe score vs gFD](probe_vs_gfd.png)",
-        "",
-    ]
-    (root / "study.md").write_text("\n".join(md))
-    with open(root / "study.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "run",
-                "variant",
-                "seed",
-                *[f"gfd@{s}" for s in steps],
-                "gfd_cfg",
-                "class_accuracy_cfg",
-                "rfd",
-                "psnr",
-                cfg.score,
-                "seg_miou",
-                "depth_delta1",
-            ]
-        )
-        for name, r in runs.items():
-            w.writerow(
-                [
-                    name,
-                    r["variant"],
-                    r["seed"],
-                    *[f"{v:.4f}" for v in r["gfd"]],
-                    f"{r['gfd_cfg']:.4f}",
-                    f"{r['class_accuracy_cfg']:.4f}",
-                    f"{r['rfd']:.4f}",
-                    f"{r['psnr']:.4f}",
-                    f"{_value(r, 'probe_score'):.4f}",
-                    f"{_value(r, 'seg_miou'):.4f}",
-                    f"{_value(r, 'depth_delta1'):.4f}",
-                ]
-            )
+    for v, row in analysis["variants"].items():
+        rs = [r for r in runs.values() if r["variant"] == v]
+        probe = _mean_std([r["probe"].get(score, math.nan) for r in rs])
+        teacher = _mean_std([r["gfd_teacher"][-1] for r in rs])
+        cells = [v, str(len(row["seeds"]))] + [_iv(row[k], _digits(k)) for k in METRICS]
+        cells += [f"{probe[0]:.3f} (sd {probe[1]:.3f})", f"{teacher[0]:.2f} (sd {teacher[1]:.2f})"]
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "## Paired differences (variant - baseline; same seeds, same sample noise)", "",
+           "| comparison | metric | difference [95% interval] | resolved | what would resolve it |",
+           "|---|---|---|---|---|"]  # fmt: skip
+    for p in analysis["paired"].values():
+        d = _digits(p["metric"])
+        md.append(f"| {p['variant']} - {p['base']} | {METRICS[p['metric']][0]} | {p['mean']:+.{d}f} "
+                  f"[{p['low']:+.{d}f}, {p['high']:+.{d}f}] | {'yes' if p['resolved'] else 'no'} | "
+                  f"{'-' if p['resolved'] else _needed(p)} |")  # fmt: skip
+    curve_steps = next(iter(analysis["variants"].values()))["steps"]
+    md += ["", f"## gFD during SiT training (mean (sd) over seeds at steps {curve_steps})", "",
+           "| variant | " + " | ".join(f"step {s}" for s in curve_steps) + " |",
+           "|---|" + "---|" * len(curve_steps)]  # fmt: skip
+    for v, row in analysis["variants"].items():
+        md.append(f"| {v} | " + " | ".join(f"{m:.2f} ({s:.2f})" for m, s in row["curve"]) + " |")
+    md += ["", "## Verdict", "", *[f"- {line}" for line in lines], "",
+           "![gFD vs SiT steps](gfd_vs_steps.png)", "", "![probe score vs gFD](probe_vs_gfd.png)", ""]  # fmt: skip
+    atomic_write_bytes(root / "study.md", lambda f: f.write("\n".join(md).encode()))
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    steps = next(iter(runs.values()))["steps"]
+    w.writerow(["run", "variant", "seed", *[f"gfd@{s}" for s in steps], *[f"class_accuracy@{s}" for s in steps],
+                "gfd_cfg", "class_accuracy_cfg", "rfd", "recon_class_accuracy", "psnr", "ssim", score])  # fmt: skip
+    for name, r in runs.items():
+        w.writerow([name, r["variant"], r["seed"], *[f"{v:.4f}" for v in r["gfd"]],
+                    *[f"{v:.4f}" for v in r["class_accuracy"]], f"{r['gfd_cfg']:.4f}",
+                    f"{r['class_accuracy_cfg']:.4f}", f"{r['rfd']:.4f}", f"{r['recon_class_accuracy']:.4f}",
+                    f"{r['psnr']:.4f}", f"{r['ssim']:.4f}", f"{r['probe'].get(score, math.nan):.4f}"])  # fmt: skip
+    atomic_write_bytes(root / "study.csv", lambda f: f.write(buf.getvalue().encode()))
     report = {
         "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+        "judge": judge,
         "metric": metric,
+        "score": score,
         "runs": runs,
-        "aggregate": agg,
-        "pearson_r": r_val,
+        "analysis": analysis,
+        "pearson_r": {"r": r_val[0], "low": r_val[1], "high": r_val[2]},
         "verdict": lines,
         "machine": platform.platform(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (root / "study.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(json.loads(json.dumps(report, default=_json_default)), root / "study.json")
     return report
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Interval):
+        return o.as_dict()
+    raise TypeError(type(o))
