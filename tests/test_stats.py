@@ -10,7 +10,7 @@ from sendvae.evaluation.stats import FDToReference, Interval, bootstrap, mean_of
 
 
 def _fd_reference(f, g):
-    """FD from its definition with scipy's sqrtm (Heusel et al. 2017): |mu1-mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))."""
+    """FD by its definition (Heusel et al. 2017), scipy's sqrtm: |m1-m2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)."""
     m1, m2 = f.mean(0), g.mean(0)
     s1, s2 = np.cov(f, rowvar=False), np.cov(g, rowvar=False)
     root = linalg.sqrtm(s1 @ s2).real

@@ -61,8 +61,15 @@ def _fake_run(root, variant, seed, acc, fd_shift, rng):
     feats = rng.normal(fd_shift, 1.0, (n, 4)).astype(np.float32)
     np.savez(d / "scores.npz", step10_feats=feats, step10_hits=hits, cfg_feats=feats, cfg_hits=hits)
     np.savez(d / "recon.npz", feats=feats, hits=hits, psnr=rng.normal(20 + fd_shift, 1.0, n))
-    return {"variant": variant, "seed": seed, "dir": str(d), "steps": [10], "gfd": [0.0],
-            "probe": {"class_accuracy": acc}, "score": "class_accuracy"}  # fmt: skip
+    return {
+        "variant": variant,
+        "seed": seed,
+        "dir": str(d),
+        "steps": [10],
+        "gfd": [0.0],
+        "probe": {"class_accuracy": acc},
+        "score": "class_accuracy",
+    }
 
 
 def test_intervals_and_verdict_read_the_numbers_not_the_hopes(tmp_path):
@@ -82,8 +89,10 @@ def test_intervals_and_verdict_read_the_numbers_not_the_hopes(tmp_path):
     same = out["paired"]["repa - none:acc_cfg"]
     assert not same["resolved"] and same["seeds_needed"] > 3
     lines = verdict(cfg, out, (0.9, 0.5, 0.99))
-    assert any(line.startswith("sendvae vs none, class accuracy (CFG)") and "resolved: sendvae is worse" in line
-               for line in lines)  # fmt: skip
+    assert any(
+        line.startswith("sendvae vs none, class accuracy (CFG)") and "resolved: sendvae is worse" in line
+        for line in lines
+    )
     assert any(
         line.startswith("repa vs none, class accuracy (CFG)") and "NOT resolved" in line for line in lines
     )

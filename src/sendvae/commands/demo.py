@@ -7,8 +7,9 @@
 Runs on Fashion-MNIST (Debian's dataset-fashion-mnist; the procedural shapes where it is absent, said in
 the first line). Trains a Send-VAE, caches latents, trains a SiT with REPA, samples with and without
 guidance, evaluates (class accuracy and FD_<judge> by an independent CNN trained on the real images, FD in
-the teacher's features as a secondary number, rFD, PSNR, SSIM, LPIPS) and probes the latents, then writes OUTPUT_DIR/report.html (self-contained) and report.md. Run it again to
-continue after an interruption: finished stages are skipped. The engine is `sendvae.pipeline.demo`.
+the teacher's features as a secondary number, rFD, PSNR, SSIM, LPIPS) and probes the latents, then
+writes OUTPUT_DIR/report.html (self-contained) and report.md. Run it again to continue after an
+interruption: finished stages are skipped. The engine is `sendvae.pipeline.demo`.
 """
 
 from __future__ import annotations

@@ -299,9 +299,8 @@ def load_judge(
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = safetensors_bytes(tensors, metadata=stored)
     atomic_write_bytes(path, lambda f: f.write(blob))
-    echo(
-        f"[judge] {name}: {acc:.1%} on {len(t_images)} held-out test images ({time.perf_counter() - t0:.0f} s)"
-    )
+    took = time.perf_counter() - t0
+    echo(f"[judge] {name}: {acc:.1%} on {len(t_images)} held-out test images ({took:.0f} s)")
     return judge
 
 

@@ -245,8 +245,9 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     scorer = Scorer(judge, ImageSet.take(emb.split("reference"), e.ref_images), fx)
     held_out = emb.split("eval")  # images no stage trained on, other than the reference
     vae = load_vae(vae_export).to(device)
-    recon, orig, rec = scorer.reconstructions(vae, held_out, e.ref_images, build_lpips(net="alex").to(device),
-                                              "stlpips_alex", device)  # fmt: skip
+    recon, orig, rec = scorer.reconstructions(
+        vae, held_out, e.ref_images, build_lpips(net="alex").to(device), "stlpips_alex", device
+    )
     k = min(16, len(orig.images))
     save_image_grid(
         torch.cat([orig.images[:k], rec.images[:k]]), root / "figures" / "reconstructions.png", nrow=k

@@ -70,8 +70,17 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
     sets = [(step, SamplerConfig(steps=s.steps)) for step in eval_steps(cfg)]
     sets.append((cfg.base.sit.steps, SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
     for k, (step, sampler) in enumerate(sets):
-        npz = generate(root / "sit", s.num_samples, sampler, root / "samples", train_steps=step, seed=0,
-                       label_sampling="equal", device=cfg.base.device, progress=progress)  # fmt: skip
+        npz = generate(
+            root / "sit",
+            s.num_samples,
+            sampler,
+            root / "samples",
+            train_steps=step,
+            seed=0,
+            label_sampling="equal",
+            device=cfg.base.device,
+            progress=progress,
+        )
         images = ImageSet.from_npz(npz)
         scores, per = _judged(scorer, images.images, images.labels)
         name = "cfg" if k == len(sets) - 1 else f"step{step}"
@@ -124,9 +133,15 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, em
         echo=False,
     )["results"]["vae"]["summary"]
     score = probe_score_name(cfg, emb)
-    out = {"rfd": scores["fd_judge"], "rfd_teacher": scores.get("fd_teacher", float("nan")),
-           "recon_class_accuracy": scores["class_accuracy"], "psnr": scores["psnr"], "ssim": scores["ssim"],
-           "probe": probe, "score": score}  # fmt: skip
+    out = {
+        "rfd": scores["fd_judge"],
+        "rfd_teacher": scores.get("fd_teacher", float("nan")),
+        "recon_class_accuracy": scores["class_accuracy"],
+        "psnr": scores["psnr"],
+        "ssim": scores["ssim"],
+        "probe": probe,
+        "score": score,
+    }
     out["summary"] = (
         f"rFD {out['rfd']:.2f}, class accuracy {out['recon_class_accuracy']:.0%}, PSNR {out['psnr']:.2f} dB, "
         f"probe {score} {probe.get(score, float('nan')):.3f}"
@@ -148,9 +163,16 @@ def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
 
     d = cfg.base.data
     n = cfg.base.eval.probe_train
-    out = train_downstream(root / "heads", enc_type=d.teacher, resolution=d.resolution,
-                           teacher_input=d.teacher_input, scene=d.scene, num_images=n, seed=1004,
-                           device=cfg.base.device)  # fmt: skip
+    out = train_downstream(
+        root / "heads",
+        enc_type=d.teacher,
+        resolution=d.resolution,
+        teacher_input=d.teacher_input,
+        scene=d.scene,
+        num_images=n,
+        seed=1004,
+        device=cfg.base.device,
+    )
     return {
         "heads": str(out),
         "summary": f"downstream heads on the teacher tokens of {cfg.base.eval.probe_train} images",
@@ -274,8 +296,18 @@ def _finished_runs(cfg: StudyConfig, root: Path) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, scorer: Scorer, emb, st: Stages,
-             progress: bool, heads: str | None) -> None:  # fmt: skip
+def _one_run(
+    cfg,
+    rdir: Path,
+    variant: str,
+    seed: int,
+    init: str,
+    scorer: Scorer,
+    emb,
+    st: Stages,
+    progress: bool,
+    heads: str | None,
+) -> None:
     """Fine-tune, cache, SiT, scores of one (variant, seed), each a recorded stage of the run's folder."""
     name = run_name(variant, seed)
     rst = Stages(rdir, echo=lambda line: st.echo(f"{name} {line}"))
@@ -286,8 +318,11 @@ def _one_run(cfg, rdir: Path, variant: str, seed: int, init: str, scorer: Scorer
         vae = rst.run("vae", lambda: train_vae_stage(run_cfg, rdir, init), key)["export"]
         store = rst.run("latents", lambda: cache_stage(run_cfg, rdir, vae, progress), key)["store"]
         every = eval_steps(cfg)[0]  # checkpoints at the eval points, all kept
-        rst.run("sit", lambda: train_sit_stage(run_cfg, rdir, store, vae, ckpt_every=every,
-                                               keep=cfg.eval_points + 1), sit_key)  # fmt: skip
+        rst.run(
+            "sit",
+            lambda: train_sit_stage(run_cfg, rdir, store, vae, ckpt_every=every, keep=cfg.eval_points + 1),
+            sit_key,
+        )
         rst.run("scores", lambda: _score_sit(cfg, rdir, scorer, progress), sit_key)
         rst.run("vae-scores", lambda: _score_vae(cfg, rdir, vae, scorer, emb), key)
         rst.run("downstream", lambda: _downstream(cfg, variant, vae, heads), key)

@@ -44,8 +44,8 @@ class StudyConfig:
     eval_points: int = option(3, "SiT checkpoints scored (evenly spaced, the last at the end)")
     score: str = option(
         "auto",
-        "probe score correlated with the final gFD (auto: the linear class probe's accuracy on Fashion-MNIST, "
-        "the attribute probes' top5_recall on the shapes)",
+        "probe score correlated with the final gFD (auto: the linear class probe's accuracy on "
+        "Fashion-MNIST, the attribute probes' top5_recall on the shapes)",
     )
     claim: str = option("sendvae", "the variant whose claims the verdict checks (the paper's)")
     # the stages' settings (vae.pretrain_steps: the shared VAE; vae.steps: every fine-tune; vae.align is

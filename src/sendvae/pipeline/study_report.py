@@ -91,9 +91,14 @@ def analyse(cfg: StudyConfig, runs: dict[str, dict[str, Any]], ref_stats, reps: 
                     n = len(by_variant[v][0][key])
                     s_need, n_need = iv.needed(len(seeds[v]), n)
                     out["paired"][f"{v} - {base}:{key}"] = {
-                        **iv.as_dict(), "variant": v, "base": base, "metric": key,
-                        "resolved": iv.resolved, "seeds_needed": s_need, "samples_needed": n_need,
-                    }  # fmt: skip
+                        **iv.as_dict(),
+                        "variant": v,
+                        "base": base,
+                        "metric": key,
+                        "resolved": iv.resolved,
+                        "seeds_needed": s_need,
+                        "samples_needed": n_need,
+                    }
     return out
 
 
@@ -130,11 +135,15 @@ def verdict(cfg: StudyConfig, analysis: dict[str, Any], r: tuple[float, float, f
         better = (d < 0) == lower
         interval = f"{d:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}]"
         if p["resolved"]:
-            lines.append(f"{p['variant']} vs {p['base']}, {label}: {interval}, resolved: {p['variant']} is "
-                         f"{'better' if better else 'worse'}.")  # fmt: skip
+            lines.append(
+                f"{p['variant']} vs {p['base']}, {label}: {interval}, resolved: {p['variant']} is "
+                f"{'better' if better else 'worse'}."
+            )
         else:
-            lines.append(f"{p['variant']} vs {p['base']}, {label}: {interval}, NOT resolved (the interval "
-                         f"holds 0); resolving a difference this size needs {_needed(p)}.")  # fmt: skip
+            lines.append(
+                f"{p['variant']} vs {p['base']}, {label}: {interval}, NOT resolved (the interval "
+                f"holds 0); resolving a difference this size needs {_needed(p)}."
+            )
     rv, lo, hi = r
     if math.isnan(rv):
         lines.append("Pearson r between probe score and gFD needs at least 3 runs.")
@@ -183,7 +192,7 @@ def _plots(cfg: StudyConfig, runs: dict, analysis: dict, root: Path, metric: str
 def write_study_report(
     cfg: StudyConfig, root: Path, runs: dict[str, dict[str, Any]], judge: dict[str, Any]
 ) -> dict[str, Any]:
-    """study.md / .csv / .json and the two plots in ROOT from the finished runs; returns the json's content."""
+    """study.md / .csv / .json and the two plots in ROOT from the finished runs; returns the json content."""
     from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
 
     if not runs:
@@ -199,18 +208,23 @@ def write_study_report(
     metric = judge["metric"]
     _plots(cfg, runs, analysis, root, metric, score)
 
-    header = ["variant", "seeds", *[lab for lab, _ in METRICS.values()], f"probe {score}",
-              f"gFD {judge.get('teacher_metric') or 'teacher'} (secondary)"]  # fmt: skip
+    header = [
+        "variant",
+        "seeds",
+        *[lab for lab, _ in METRICS.values()],
+        f"probe {score}",
+        f"gFD {judge.get('teacher_metric') or 'teacher'} (secondary)",
+    ]
     md = [
         f"# sendvae study ({cfg.scale} scale): {judge.get('dataset', '')}",
         "",
-        f"gFD / rFD = {metric}: Frechet distance in the penultimate features of the judge `{judge['name']}` "
-        f"(a small CNN trained from scratch on the real training images, {judge['test_accuracy']:.1%} on "
-        f"held-out test images; not the teacher the VAEs align to) against {cfg.base.eval.ref_images} held-out "
-        f"real images; {cfg.base.sample.num_samples} samples per set (as many of each class), "
-        f"{cfg.base.eval.ref_images} reconstructions. Class accuracy: the fraction of class-conditional samples "
-        "the judge reads as the class asked for. Cells: mean over seeds [95% interval, two-level bootstrap over "
-        "seeds and samples] (sd over seeds).",
+        f"gFD / rFD = {metric}: Frechet distance in the penultimate features of the judge "
+        f"`{judge['name']}` (a small CNN trained from scratch on the real training images, "
+        f"{judge['test_accuracy']:.1%} on held-out test images; not the teacher the VAEs align to) against "
+        f"{cfg.base.eval.ref_images} held-out real images; {cfg.base.sample.num_samples} samples per set (as "
+        f"many of each class), {cfg.base.eval.ref_images} reconstructions. Class accuracy: the fraction of "
+        "class-conditional samples the judge reads as the class asked for. Cells: mean over seeds [95% "
+        "interval, two-level bootstrap over seeds and samples] (sd over seeds).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -222,34 +236,79 @@ def write_study_report(
         cells = [v, str(len(row["seeds"]))] + [_iv(row[k], _digits(k)) for k in METRICS]
         cells += [f"{probe[0]:.3f} (sd {probe[1]:.3f})", f"{teacher[0]:.2f} (sd {teacher[1]:.2f})"]
         md.append("| " + " | ".join(cells) + " |")
-    md += ["", "## Paired differences (variant - baseline; same seeds, same sample noise)", "",
-           "| comparison | metric | difference [95% interval] | resolved | what would resolve it |",
-           "|---|---|---|---|---|"]  # fmt: skip
+    md += [
+        "",
+        "## Paired differences (variant - baseline; same seeds, same sample noise)",
+        "",
+        "| comparison | metric | difference [95% interval] | resolved | what would resolve it |",
+        "|---|---|---|---|---|",
+    ]
     for p in analysis["paired"].values():
         d = _digits(p["metric"])
-        md.append(f"| {p['variant']} - {p['base']} | {METRICS[p['metric']][0]} | {p['mean']:+.{d}f} "
-                  f"[{p['low']:+.{d}f}, {p['high']:+.{d}f}] | {'yes' if p['resolved'] else 'no'} | "
-                  f"{'-' if p['resolved'] else _needed(p)} |")  # fmt: skip
+        md.append(
+            f"| {p['variant']} - {p['base']} | {METRICS[p['metric']][0]} | {p['mean']:+.{d}f} "
+            f"[{p['low']:+.{d}f}, {p['high']:+.{d}f}] | {'yes' if p['resolved'] else 'no'} | "
+            f"{'-' if p['resolved'] else _needed(p)} |"
+        )
     curve_steps = next(iter(analysis["variants"].values()))["steps"]
-    md += ["", f"## gFD during SiT training (mean (sd) over seeds at steps {curve_steps})", "",
-           "| variant | " + " | ".join(f"step {s}" for s in curve_steps) + " |",
-           "|---|" + "---|" * len(curve_steps)]  # fmt: skip
+    md += [
+        "",
+        f"## gFD during SiT training (mean (sd) over seeds at steps {curve_steps})",
+        "",
+        "| variant | " + " | ".join(f"step {s}" for s in curve_steps) + " |",
+        "|---|" + "---|" * len(curve_steps),
+    ]
     for v, row in analysis["variants"].items():
         md.append(f"| {v} | " + " | ".join(f"{m:.2f} ({s:.2f})" for m, s in row["curve"]) + " |")
-    md += ["", "## Verdict", "", *[f"- {line}" for line in lines], "",
-           "![gFD vs SiT steps](gfd_vs_steps.png)", "", "![probe score vs gFD](probe_vs_gfd.png)", ""]  # fmt: skip
+    md += [
+        "",
+        "## Verdict",
+        "",
+        *[f"- {line}" for line in lines],
+        "",
+        "![gFD vs SiT steps](gfd_vs_steps.png)",
+        "",
+        "![probe score vs gFD](probe_vs_gfd.png)",
+        "",
+    ]
     atomic_write_bytes(root / "study.md", lambda f: f.write("\n".join(md).encode()))
 
     buf = io.StringIO()
     w = csv.writer(buf)
     steps = next(iter(runs.values()))["steps"]
-    w.writerow(["run", "variant", "seed", *[f"gfd@{s}" for s in steps], *[f"class_accuracy@{s}" for s in steps],
-                "gfd_cfg", "class_accuracy_cfg", "rfd", "recon_class_accuracy", "psnr", "ssim", score])  # fmt: skip
+    w.writerow(
+        [
+            "run",
+            "variant",
+            "seed",
+            *[f"gfd@{s}" for s in steps],
+            *[f"class_accuracy@{s}" for s in steps],
+            "gfd_cfg",
+            "class_accuracy_cfg",
+            "rfd",
+            "recon_class_accuracy",
+            "psnr",
+            "ssim",
+            score,
+        ]
+    )
     for name, r in runs.items():
-        w.writerow([name, r["variant"], r["seed"], *[f"{v:.4f}" for v in r["gfd"]],
-                    *[f"{v:.4f}" for v in r["class_accuracy"]], f"{r['gfd_cfg']:.4f}",
-                    f"{r['class_accuracy_cfg']:.4f}", f"{r['rfd']:.4f}", f"{r['recon_class_accuracy']:.4f}",
-                    f"{r['psnr']:.4f}", f"{r['ssim']:.4f}", f"{r['probe'].get(score, math.nan):.4f}"])  # fmt: skip
+        w.writerow(
+            [
+                name,
+                r["variant"],
+                r["seed"],
+                *[f"{v:.4f}" for v in r["gfd"]],
+                *[f"{v:.4f}" for v in r["class_accuracy"]],
+                f"{r['gfd_cfg']:.4f}",
+                f"{r['class_accuracy_cfg']:.4f}",
+                f"{r['rfd']:.4f}",
+                f"{r['recon_class_accuracy']:.4f}",
+                f"{r['psnr']:.4f}",
+                f"{r['ssim']:.4f}",
+                f"{r['probe'].get(score, math.nan):.4f}",
+            ]
+        )
     atomic_write_bytes(root / "study.csv", lambda f: f.write(buf.getvalue().encode()))
     report = {
         "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
