@@ -224,7 +224,7 @@ def check_manifest(path: Path, m: dict[str, Any]) -> None:
     shape = _entry(path, m, "latent_shape", list)
     if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
         raise ValueError(f"{path}: latent_shape: expected [C, h, w] of positive integers, got {shape!r}")
-    if m.get("dtype") not in STORE_DTYPES:
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in STORE_DTYPES:
         raise ValueError(f"{path}: dtype: {m.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
     _entry(path, m, "dataset", dict)
     _entry(path, m, "dataset.num_classes", int, 1)

@@ -10,6 +10,7 @@ statistics are used when present; the sample statistics are always recomputed fr
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TypedDict
 
@@ -75,8 +76,14 @@ def load_batch(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such .npz batch: {path}")
-    with np.load(path) as f:
-        out = {k: f[k] for k in ("arr_0", "mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):  # a plain .npy array
+            raise ValueError("a single array, not an .npz archive")
+        with loaded as f:
+            out = {k: f[k] for k in ("arr_0", "mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # torn, not a zip, objects
+        raise ReferenceBatchError(f"{path} is not a readable .npz batch ({type(e).__name__}: {e})") from None
     if "arr_0" in out:
         validate_images(out["arr_0"], f"{path}: arr_0")
     validate_statistics(out, str(path))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,7 +56,9 @@ def read_weights(
         tensors = read_torchscript_tensors(path, what)
         return {k: v.to(map_location) for k, v in tensors.items()}
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # a pickle not from torch.save: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met a Python object
         first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise WeightsError(
