@@ -21,7 +21,7 @@ HELP = "the whole pipeline on the embedded example (train, cache, SiT, sample, e
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, device_arg, nonnegative_int
     from ..pipeline.demo_config import SCALES, DemoConfig, demo_config
 
     p.add_argument(
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument("--output-dir", default="runs/demo", help="demo folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="global seed (default: the scale's, 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--seed", type=nonnegative_int, help="global seed (default: the scale's, 0)")
+    p.add_argument("--device", type=device_arg, help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
         "--data-path",
         help="Fashion-MNIST folder: its four IDX files (.gz or not), or torchvision's DIR/FashionMNIST/raw "

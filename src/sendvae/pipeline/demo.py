@@ -318,8 +318,13 @@ def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) ->
         echo=False,
     )
     summary = {k: r["summary"] for k, r in report["results"].items()}
-    top5 = ", ".join(f"{k} {s.get('top5_recall', float('nan')):.3f}" for k, s in summary.items())
-    return {"results": summary, "summary": f"attribute top-5 recall: {top5}"}
+    key, what = (
+        ("top5_recall", "attribute top-5 recall")
+        if cfg.data.dataset == "shapes"
+        else ("class_accuracy", "linear class probe accuracy")
+    )
+    scores = ", ".join(f"{k} {s.get(key, float('nan')):.3f}" for k, s in summary.items())
+    return {"results": summary, "summary": f"{what}: {scores}"}
 
 
 # -- the driver ------------------------------------------------------------------------------------------

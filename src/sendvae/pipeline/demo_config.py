@@ -91,8 +91,8 @@ class DemoSiT:
 @dataclass
 class DemoSample:
     num_samples: int = option(400, "samples per guidance setting (as many of each class)")
-    steps: int = option(32, "Euler ODE steps")
-    cfg_scale: float = option(3.0, "classifier-free guidance scale (also sampled without guidance)")
+    steps: int = option(16, "Euler ODE steps")
+    cfg_scale: float = option(4.0, "classifier-free guidance scale (also sampled without guidance)")
     guidance_high: float = option(1.0, "guidance for t <= this")
 
 
