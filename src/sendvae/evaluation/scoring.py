@@ -59,11 +59,12 @@ class Scorer:
     def _teacher_features(self, images: torch.Tensor) -> np.ndarray:
         return self.fx.features(images).cpu().double().numpy()  # (N, D)
 
-    def samples(self, images: torch.Tensor, labels: np.ndarray | None = None) -> dict:
-        """{fd_judge, class_accuracy, per_class (with labels), fd_teacher (with a teacher)}."""
+    def samples(self, images: torch.Tensor, labels: np.ndarray | None = None, teacher: bool = True) -> dict:
+        """{fd_judge, class_accuracy, per_class (with labels), fd_teacher (with a teacher, unless `teacher`
+        is False: the teacher is the costly network on a CPU)}."""
         s = self.judge.scores(images, labels)
         out = {"fd_judge": s["fd"], **{k: v for k, v in s.items() if k != "fd"}}
-        if self.fx is not None:
+        if self.fx is not None and teacher:
             assert self._teacher_ref is not None
             stats = feature_statistics(self._teacher_features(images))
             out["fd_teacher"] = float(frechet_distance(*stats, *self._teacher_ref))

@@ -51,10 +51,12 @@ def _save_scores(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
-def _judged(scorer: Scorer, images: torch.Tensor, labels: np.ndarray) -> tuple[dict[str, Any], dict]:
+def _judged(
+    scorer: Scorer, images: torch.Tensor, labels: np.ndarray, teacher: bool = True
+) -> tuple[dict[str, Any], dict]:
     """(scores, per-sample arrays): the judge's features and hits of every image, for the intervals."""
     feats, pred = scorer.judge._run(images)
-    scores = scorer.samples(images, labels)
+    scores = scorer.samples(images, labels, teacher)
     return scores, {"feats": feats.astype(np.float32), "hits": pred == labels}
 
 
@@ -82,7 +84,8 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
             progress=progress,
         )
         images = ImageSet.from_npz(npz)
-        scores, per = _judged(scorer, images.images, images.labels)
+        final = step == cfg.base.sit.steps  # FD_<teacher> (secondary) of the final sets only
+        scores, per = _judged(scorer, images.images, images.labels, teacher=final)
         name = "cfg" if k == len(sets) - 1 else f"step{step}"
         arrays.update({f"{name}_feats": per["feats"], f"{name}_hits": per["hits"]})
         if k == len(sets) - 1:
@@ -115,7 +118,7 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, em
     n = cfg.base.eval.ref_images
     scores, orig, rec = scorer.reconstructions(vae, emb.split("eval"), n, device=device)
     per_image = psnr(orig.images, rec.images).double().numpy()
-    _, per = _judged(scorer, rec.images, rec.labels)
+    _, per = _judged(scorer, rec.images, rec.labels, teacher=False)
     _save_scores(root / "recon.npz", feats=per["feats"], hits=per["hits"], psnr=per_image)
     b = cfg.base
     probe = probe_models(
