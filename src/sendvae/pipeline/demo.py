@@ -270,7 +270,11 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     for scale, path in samples.items():
         s = ImageSet.from_npz(path)
         result["samples"][scale] = scorer.samples(s.images, s.labels)
-        save_class_grid(s.images, s.labels, judge.num_classes, root / "figures" / f"samples_cfg{scale}.png")
+        acc = result["samples"][scale]["per_class"]
+        labels = [f"{c} ({a:.0%})" for c, a in zip(emb.classes, acc)]
+        save_class_grid(
+            s.images, s.labels, judge.num_classes, root / "figures" / f"samples_cfg{scale}.png", labels
+        )
     guided = result["samples"][f"{cfg.sample.cfg_scale:g}"]
     result["bar"] = {
         "samples' class accuracy >= 0.8": guided["class_accuracy"] >= 0.8,
@@ -285,8 +289,15 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     return result
 
 
-def save_class_grid(images: torch.Tensor, labels: np.ndarray, num_classes: int, path: Path, per_row: int = 8):
-    """One row per class: the first `per_row` samples of each (uint8 (N, 3, H, W))."""
+def save_class_grid(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    path: Path,
+    row_labels: list[str] | None = None,
+    per_row: int = 8,
+):
+    """One row per class: the first `per_row` samples of each (uint8 (N, 3, H, W)), rows labelled."""
     from .figures import save_image_grid
 
     rows = []
@@ -296,7 +307,7 @@ def save_class_grid(images: torch.Tensor, labels: np.ndarray, num_classes: int, 
         if len(row) < per_row:  # pad a short row with black
             row = torch.cat([row, torch.zeros(per_row - len(row), *images.shape[1:], dtype=images.dtype)])
         rows.append(row)
-    save_image_grid(torch.cat(rows), path, nrow=per_row)
+    save_image_grid(torch.cat(rows), path, nrow=per_row, row_labels=row_labels)
 
 
 def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:

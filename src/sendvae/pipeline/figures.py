@@ -9,17 +9,35 @@ import numpy as np
 import torch
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, min_side: int = 96) -> None:
-    """uint8 (N, 3, H, W) -> a PNG grid, each image scaled up (nearest, integer factor) to >= min_side."""
+def save_image_grid(
+    images: torch.Tensor,
+    path: Path,
+    nrow: int = 8,
+    min_side: int = 96,
+    row_labels: Sequence[str] | None = None,
+) -> None:
+    """uint8 (N, 3, H, W) -> a PNG grid, each image scaled up (nearest, integer factor) to >= min_side;
+    `row_labels`: a name written left of each row (PIL's built-in font, no font file needed)."""
     import torch.nn.functional as F
     import torchvision
+    from PIL import Image, ImageDraw
 
     x = images.float() / 255.0
     factor = max(1, -(-min_side // x.shape[-1]))  # ceil
     if factor > 1:
         x = F.interpolate(x, scale_factor=factor, mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(x, path, nrow=nrow, padding=2, pad_value=1.0)
+    grid = torchvision.utils.make_grid(x, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    img = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    if row_labels:
+        margin, cell = 110, x.shape[-2] + 2
+        canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+        canvas.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, label in enumerate(row_labels):
+            draw.text((6, 2 + i * cell + cell // 2 - 6), label, fill="black")
+        img = canvas
+    img.save(path)
 
 
 def plot_curves(
