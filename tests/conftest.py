@@ -9,8 +9,10 @@ torch.set_num_threads(int(os.environ.get("SENDVAE_TEST_THREADS", "1")))
 
 @pytest.fixture(autouse=True)
 def _private_torch_home(tmp_path_factory, monkeypatch):
-    """Tests never read or fill the user's torch hub cache (e.g. FID Inception weights found there)."""
+    """Tests never read or fill the user's torch hub cache (e.g. FID Inception weights found there), nor
+    the user's judge cache (one cache shared by the tests of a session: a judge recipe trains once)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+    monkeypatch.setenv("SENDVAE_CACHE", str(tmp_path_factory.getbasetemp() / "sendvae-cache"))
 
 
 def tiny_train_args(out_dir, exp="run", steps=6, **overrides):

@@ -147,7 +147,7 @@ class Judge:
         return len(self.classes)
 
     @torch.no_grad()
-    def _run(self, images: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """(features float64 (N, D), predicted classes (N,))."""
         feats, preds = [], []
         for i in range(0, len(images), batch_size):
@@ -157,10 +157,10 @@ class Judge:
         return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
     def features(self, images: torch.Tensor) -> np.ndarray:
-        return self._run(images)[0]
+        return self.run(images)[0]
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
-        return self._run(images)[1]
+        return self.run(images)[1]
 
     def set_reference(self, images: torch.Tensor) -> None:
         """Held-out real images: the FD reference."""
@@ -168,7 +168,7 @@ class Judge:
 
     def scores(self, images: torch.Tensor, labels: np.ndarray | None = None) -> dict:
         """{fd (against the reference), class_accuracy and per_class (with labels)} of one image set."""
-        f, pred = self._run(images)
+        f, pred = self.run(images)
         out: dict = {}
         if self.ref_stats is not None:
             out["fd"] = float(frechet_distance(*feature_statistics(f), *self.ref_stats))

@@ -1,14 +1,20 @@
 """`sendvae study`: the alignment variants compared on generation, as the paper compares them (small scale).
 
     ROOT/pretrain                      the shared plain VAE (no alignment)
+    ROOT/stages/judge.json             the judge every run is scored by (`evaluation.judge`), and
+    ROOT/reference.npz                 its FD reference statistics of held-out real images
     ROOT/runs/<variant>-s<seed>/vae    fine-tuned from it with <variant>'s alignment
                               /latents its latent store (with teacher tokens for REPA)
                               /sit     the common SiT recipe on it; checkpoints kept at the eval points
-                              /samples samples of every eval point
+                              /samples samples of every eval point (and with CFG at the end)
+                              /scores.npz, recon.npz  the judge's features and hits of every sample and
+                                       reconstruction, PSNR per image: what the intervals resample
     ROOT/study.{md,csv,json}, gfd_vs_steps.png, probe_vs_gfd.png
 
 Every step of every run is a recorded stage (`pipeline.stages`): an interrupted study continues with the
-first unfinished stage. The stages are the demo's (`pipeline.demo`), run with each variant's config.
+first unfinished stage; `--report-only` tabulates the finished runs without running or writing anything
+else. The stages are the demo's (`pipeline.demo`), run with each variant's config; the tables and the
+intervals are `pipeline.study_report`'s.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def _judged(
     scorer: Scorer, images: torch.Tensor, labels: np.ndarray, teacher: bool = True
 ) -> tuple[dict[str, Any], dict]:
     """(scores, per-sample arrays): the judge's features and hits of every image, for the intervals."""
-    feats, pred = scorer.judge._run(images)
+    feats, pred = scorer.judge.run(images)
     scores = scorer.samples(images, labels, teacher)
     return scores, {"feats": feats.astype(np.float32), "hits": pred == labels}
 
