@@ -21,9 +21,11 @@ import torch
 from ..config import option, positive
 from ..losses.align import mean_token_cosine
 
+# the t sampler lives with the networks (the mapper draws t too); re-exported here
+from ..models.timesteps import T_SAMPLERS, draw_t
+
 PATHS = ("linear",)
 PREDICTIONS = ("v",)
-T_SAMPLERS = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -49,29 +51,6 @@ class TransportConfig:
                 raise ValueError(f"TransportConfig.{name} must be one of {allowed}, got {value!r}")
         if self.logit_std <= 0:
             raise ValueError(f"TransportConfig.logit_std must be > 0, got {self.logit_std}")
-
-
-def draw_t(
-    batch: int,
-    sampler: str = "uniform",
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-    *,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-) -> torch.Tensor:
-    """t (B,) in fp32 on `device`: U(0, 1), or sigmoid(N(mean, std)) (logit-normal, SD3 / SiT).
-
-    logit_normal with mean 0, std 1 is also REPA-E's "lognormal" weighting: sigma = exp(N(0, 1)),
-    t = sigma / (1 + sigma) = sigmoid(N(0, 1)). The one t sampler: SiT training (`sample_t`) and the
-    Send-VAE mapper's noise injection (`models.mapper`) both draw here.
-    """
-    if sampler not in T_SAMPLERS:
-        raise ValueError(f"t sampler must be one of {T_SAMPLERS}, got {sampler!r}")
-    if sampler == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
-    u = torch.randn(batch, device=device, generator=generator)
-    return torch.sigmoid(u * logit_std + logit_mean)
 
 
 def sample_t(

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import from_dict, option, positive
-from ..diffusion.transport import T_SAMPLERS, draw_t
 from ..runtime.weights import malformed, read_json, read_weights
 from .layers import Attention, build_projector, init_vit_weights, mlp, sincos_pos_embed_2d
+from .timesteps import T_SAMPLERS, draw_t
 
 
 class GridMismatchError(ValueError):

@@ -65,6 +65,7 @@ from ..models.mapper import VF_FILES, Mapper, VFProjector, load_mapper, load_vf_
 from ..models.reals import REALS_FILES, RealsHead, load_reals_head, split_reals_output
 from ..runtime.weights import read_json
 from .export import export_mapper, export_reals, export_vf
+from .latent_init import device_of, initial_latent_stats
 from .repae import JOINT_LOGGED, SiTAlignHead, build_repae_head, joint_of
 
 if TYPE_CHECKING:
@@ -159,20 +160,17 @@ def _mapper_head(head_cls: type[Mapper] | type[RealsHead] = Mapper, **overrides)
     ``head_cls`` RealsHead builds ReaLS's two-branch MLP from the same options.
 
     With ``--mapper.latent_norm fixed`` its LatentNorm gets the starting VAE's latent statistics here
-    (`builders.initial_latent_stats`, measured on the teacher's device when the VAE carries none), before
+    (`latent_init.initial_latent_stats`, measured on the teacher's device when the VAE carries none), before
     the first step; they stay fixed for the run and travel in its checkpoints.
     """
 
     def build(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, logger=None) -> nn.Module:
-        # not at the top: builders imports vae_config, which imports this module
-        from .builders import _device_of, initial_latent_stats
-
         res = cfg.data.resolution
         mcfg = replace(cfg.mapper, **overrides)
         latent_grid, teacher_grid = vae.latent_grid(res), teacher.grid_size(res)
         mapper = head_cls(vae.latent_channels, latent_grid, teacher.embed_dim, teacher_grid, mcfg)
         if mcfg.latent_norm == "fixed":
-            mapper.set_latent_stats(*initial_latent_stats(cfg, vae, _device_of(teacher), logger))
+            mapper.set_latent_stats(*initial_latent_stats(cfg, vae, device_of(teacher), logger))
         return mapper
 
     return build

@@ -5,7 +5,6 @@ Kept apart from the loop so ``sendvae bench train-vae`` and the tests build exac
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,10 +23,10 @@ from ..models.discriminator import NLayerDiscriminator, load_discriminator
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
 from .alignment import alignment_for, head_summary
-from .vae_config import TrainVAEConfig
 
 if TYPE_CHECKING:
     from ..teachers import Teacher
+    from .vae_config import TrainVAEConfig
 
 
 def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
@@ -43,8 +42,6 @@ def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
             f"resolution {res} is not divisible by the VAE's downsampling factor {f} "
             f"({m.vae}); use a multiple of {f}"
         )
-    if m.gradient_checkpointing and hasattr(vae, "gradient_checkpointing"):
-        vae.gradient_checkpointing = True
     if logger is not None:
         n = sum(p.numel() for p in vae.parameters())
         src = m.vae_ckpt or "random init"
@@ -66,45 +63,6 @@ def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> Teacher:
         **opts,
     )
     return teacher.to(device)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    t = next(itertools.chain(module.parameters(), module.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-def carries_latent_stats(vae: AutoencoderKL) -> bool:
-    """Whether the VAE holds latent statistics (its buffers are no longer the identity 0 / 1 of an init)."""
-    return not (bool(vae.latent_mean.eq(0).all()) and bool(vae.latent_std.eq(1).all()))
-
-
-def initial_latent_stats(
-    cfg: TrainVAEConfig, vae: AutoencoderKL, device: torch.device | str = "cpu", logger=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel latent mean and std (C,) of the VAE training starts from: the fixed LatentNorm's values.
-
-    The VAE's own ``latent_mean`` / ``latent_std`` when it carries them (loaded with ``--model.vae_ckpt``:
-    REPA-E's latents-stats file, a sendvae export, a training state). A VAE that carries none (a random
-    init, or a checkpoint without statistics: buffers still 0 / 1) is measured the way the export measures
-    it (``export.latent_statistics``: z ~ q(z|x) of the first ``run.stats_images`` training images, float64
-    sums, seed ``run.seed``), on ``device``. Every rank measures the same images, so they agree; a resumed
-    run measures again and then loads the checkpoint's values, which are these.
-    """
-    if carries_latent_stats(vae):
-        mean, std, src = vae.latent_mean.detach().float().cpu(), vae.latent_std.detach().float().cpu(), "VAE"
-    else:
-        from ..data import build_dataset
-        from .export import latent_statistics
-
-        home = _device_of(vae)
-        dataset = build_dataset(cfg.data, seed=cfg.run.seed)
-        n = min(cfg.run.stats_images, len(dataset))
-        mean, std = latent_statistics(vae.to(device), dataset, n, device=device, seed=cfg.run.seed)
-        vae.to(home)
-        src = f"{n} training images"
-    if logger is not None:
-        logger.info(f"mapper: fixed latent normalisation, statistics from the {src}")
-    return mean, std
 
 
 def build_head(

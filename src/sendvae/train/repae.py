@@ -20,7 +20,7 @@ Coefficients (REPA-E's README training command and argument defaults): lambda_al
 vae_align_proj_coeff; our ``--loss.align_weight``, set by the repae presets), proj_coeff 0.5, BN momentum 0.1
 (bn_momentum) and eps 1e-4 (its SiT's BatchNorm2d), learning rate 1e-4 for the SiT, the VAE and the
 discriminator, encoder depth 8, uniform t (weighting "uniform"). The BN starts from the VAE's
-latent statistics (REPA-E: its latents-stats file; here `builders.initial_latent_stats`).
+latent statistics (REPA-E: its latents-stats file; here `latent_init.initial_latent_stats`).
 
 The BN is the SiT's latent normalisation: the SiT models (z - mu_BN) / sqrt(var_BN + eps), so its export
 (export/sit: the EMA SiT and latents.json) records mean mu_BN and std sqrt(var_BN + eps) of the BN's running
@@ -46,6 +46,7 @@ from ..models.latent_stats import LatentStats
 from ..models.mapper import GRID_MISMATCH_MODES, LatentNorm
 from ..models.sit import SIT_MODELS, SiT, SiTConfig, sit_config
 from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step
+from .latent_init import device_of, initial_latent_stats
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
@@ -175,10 +176,7 @@ def _num_classes(cfg: TrainVAEConfig) -> int:
 def build_repae_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, logger=None) -> SiTAlignHead:
     """The ``repae`` entry's head: the latent BN + the SiT's first blocks and projector, the SiT trained by
     the `JointSiT` it holds. Built on the teacher's device; the BN starts from the VAE's latent statistics."""
-    # not at the top: builders imports vae_config, which imports the registry, which imports this module
-    from .builders import _device_of, initial_latent_stats
-
-    res, dev = cfg.data.resolution, _device_of(teacher)
+    res, dev = cfg.data.resolution, device_of(teacher)
     sit_cfg = joint_sit_config(
         cfg, vae.latent_channels, vae.latent_grid(res), teacher.embed_dim, _num_classes(cfg)
     )
