@@ -383,6 +383,7 @@ def test_probe_from_latent_stores(tmp_path, capsys):
     assert "not a latent store" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two 160-step trainings
 def test_trained_vae_beats_baselines_and_no_alignment(tmp_path):
     # Short embedded-preset runs (160 steps at 32 px): the aligned VAE already places objects better than
     # a random-init encoder of the same architecture and than raw pixels, and the same recipe without the
