@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST
+from ..data.imagefolder import center_crop_adm, load_rgb, pil_to_tensor
+from ..data.shapes import ShapesDataset, scene_config
+
 # Shapes attributes probed one by one, by group; `rotation` is left out (ill-defined for symmetric shapes).
 SHAPES_GROUPS: dict[str, tuple[str, ...]] = {
     "shape": ("shape",),
@@ -180,8 +184,6 @@ class FileListDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from ..data.imagefolder import center_crop_adm, load_rgb, pil_to_tensor
-
         img, note = load_rgb(self.paths[i])
         if img is None:
             raise FileNotFoundError(f"cannot read image {self.paths[i]}: {note}")
@@ -214,8 +216,6 @@ def _varies(values: np.ndarray, kind: str) -> bool:
 
 def shapes_data(num_images: int, resolution: int, seed: int = 0, scene: str = "full") -> ProbeData:
     """Shapes images 0..N-1 (dataset seed `seed`, `scene`): grouped attributes plus the multi-label set."""
-    from ..data.shapes import ShapesDataset, scene_config
-
     ds = ShapesDataset(scene_config(scene, resolution=resolution, seed=seed))
     idx = np.arange(num_images)
     table, specs = ds.attribute_table(idx), {s.name: s for s in ds.attribute_specs}
@@ -241,8 +241,6 @@ def load_probe_data(
     if name == "shapes":
         return shapes_data(num_images, resolution, seed, scene)
     if name == "fashion-mnist":
-        from ..data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST
-
         ds = FashionMNIST(root or DEFAULT_ROOT, split="test", resolution=resolution)
         idx = _subset(len(ds), num_images, seed)
         y = ds.labels[idx]

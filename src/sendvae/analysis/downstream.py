@@ -31,9 +31,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.shapes import ShapesDataset, scene_config
 from ..data.shapes_render import DEPTH_BACKGROUND
+from ..data.transforms import to_float
+from ..diffusion.generate import make_labels
+from ..diffusion.sampling import SamplerConfig, sample
+from ..diffusion.sit_source import load_sit_source, load_vae_and_stats
+from ..models.vae_io import load_vae
 from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
-from ..teachers import resample_tokens
+from ..runtime.distributed import resolve_device
+from ..teachers import DEFAULT_TEACHER, build_teacher, resample_tokens
+from ..train.alignment import load_exported_head
 from .downstream_heads import SegDepthMeter, load_heads, save_heads, shapes_targets, train_heads
 
 if TYPE_CHECKING:
@@ -57,15 +65,11 @@ PALETTE = torch.tensor([
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from ..runtime.distributed import resolve_device
-
     return resolve_device(str(device))
 
 
 def build_heads_teacher(meta: dict[str, Any], weights: str | None, device: torch.device) -> Teacher:
     """The teacher `meta` names (an alignment head's or the heads' json): name, input size, weights."""
-    from ..teachers import build_teacher
-
     size = meta.get("teacher_input_size")
     opts = {"input_size": size} if size else {}
     teacher = build_teacher(
@@ -76,8 +80,6 @@ def build_heads_teacher(meta: dict[str, Any], weights: str | None, device: torch
 
 @torch.no_grad()
 def _teacher_tokens(teacher: Teacher, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    from ..data.transforms import to_float
-
     out = [
         teacher(to_float(images[s : s + batch_size].to(device))).cpu()
         for s in range(0, len(images), batch_size)
@@ -108,10 +110,6 @@ def train_downstream(
     head was aligned to; else ``enc_type`` (default: the embedded teacher) at ``resolution``, with input
     side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene (`data.shapes.SCENES`).
     """
-    from ..data.shapes import ShapesDataset, scene_config
-    from ..teachers import DEFAULT_TEACHER
-    from ..train.alignment import load_exported_head
-
     if num_images < 1 or steps < 1 or batch_size < 1:
         raise ValueError("--num-images, --head-steps and --batch-size must be >= 1")
     dev = _device(device)
@@ -176,9 +174,6 @@ class _Generated:
     def __init__(
         self, sit_source, vae, latent_stats, sampler: SamplerConfig | None, seed: int, device, res: int
     ):
-        from ..diffusion.sampling import SamplerConfig
-        from ..diffusion.sit_source import load_sit_source, load_vae_and_stats
-
         self.sit = load_sit_source(sit_source)
         _, self.stats = load_vae_and_stats(self.sit, vae, latent_stats=latent_stats)  # checks the VAE
         self.model = self.sit.model.to(device).eval().requires_grad_(False)
@@ -193,9 +188,6 @@ class _Generated:
         self.sampler, self.seed, self.device = sampler or SamplerConfig(), seed, device
 
     def batch(self, start: int, n: int) -> torch.Tensor:
-        from ..diffusion.generate import make_labels
-        from ..diffusion.sampling import sample
-
         labels = make_labels(start + n, self.model.config.num_classes, self.seed, "random")[start:]
         seeds = [self.seed + i for i in range(start, start + n)]
         return self.stats.denormalize(sample(self.model, labels.to(self.device), seeds, self.sampler))
@@ -217,11 +209,6 @@ def run_downstream(
     preview: int = 0,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The scores of every source (and the first `preview` images with their predictions, for a grid)."""
-    from ..data.shapes import ShapesDataset, scene_config
-    from ..data.transforms import to_float
-    from ..models.vae_io import load_vae
-    from ..train.alignment import load_exported_head
-
     if num_images < 1 or batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
     dev = _device(device)

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
+from ..data.transforms import to_float
+from ..metrics.features import FeatureExtractor
+from .attributes import ProbeData, ProbeTask, shapes_data
+
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
 
@@ -53,8 +57,6 @@ def extract_features(
     """(N, D) float32: flattened normalised posterior means of a VAE, or `PIXELS` downsampled images."""
     import torch.nn.functional as F
 
-    from ..data.transforms import to_float
-
     out = []
     for x in _batches(data.dataset, data.indices, batch_size):
         x = to_float(x).to(device)  # (B, 3, H, W) in [-1, 1]
@@ -86,8 +88,6 @@ def store_probe_data(stores: list, num_images: int):
     A shapes store gets every shapes target (its images can also be rendered for --vae / --pixels);
     any other store its class labels only, with no images.
     """
-    from .attributes import ProbeData, ProbeTask, shapes_data
-
     infos = [st.manifest["dataset"] for st in stores]
     keys = {(d["name"], d.get("seed"), d.get("path"), d["resolution"]) for d in infos}
     if len(keys) > 1:
@@ -107,8 +107,6 @@ def teacher_features(
     data, name: str, weights: str | None, resolution: int, batch_size: int, device
 ) -> np.ndarray:
     """(n, D) pooled teacher features of the first CKNNA_IMAGES probe images."""
-    from ..metrics.features import FeatureExtractor
-
     fx = FeatureExtractor(name, weights, resolution=resolution, device=device, batch_size=batch_size)
     idx = data.indices[:CKNNA_IMAGES]
     return np.concatenate([fx.features(x).cpu().numpy() for x in _batches(data.dataset, idx, batch_size)])

@@ -23,6 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.latent_store import LatentStore
+from ..models.vae import VAE_CONFIGS
+from ..models.vae_io import load_vae
+from ..runtime.distributed import resolve_device
+from .attributes import load_probe_data
 from .features import (
     PIXELS,
     extract_features,
@@ -31,6 +36,8 @@ from .features import (
     store_probe_data,
     teacher_features,
 )
+from .measures import cknna, latent_measures, pearson_r
+from .probes import PRIMARY_METRIC, make_split, run_probe, standardize
 
 # -- analysis --------------------------------------------------------------------------------------------
 
@@ -47,9 +54,6 @@ def analyse(
     """Every probe and measure of one model's (N, D) features: {"tasks": {...}, "summary": {...}}.
 
     The probes are fitted on `device`; the uniformity and discrimination measures on the CPU."""
-    from .measures import cknna, latent_measures
-    from .probes import PRIMARY_METRIC, make_split, run_probe, standardize
-
     split = make_split(len(feats), seed)
     x = standardize(feats, split.train, device)
     tasks: dict[str, dict[str, Any]] = {}
@@ -176,8 +180,6 @@ def plot_gfd(scores: dict[str, float], gfd: dict[str, float], score: str, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .measures import pearson_r
-
     names = [n for n in gfd if n in scores]
     x, y = [gfd[n] for n in names], [scores[n] for n in names]
     stats = {}
@@ -241,12 +243,6 @@ def probe_models(
     """
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
-
-    from ..data.latent_store import LatentStore
-    from ..models.vae import VAE_CONFIGS
-    from ..models.vae_io import load_vae
-    from ..runtime.distributed import resolve_device
-    from .attributes import load_probe_data
 
     stores = {name: LatentStore(path) for name, path in map(_named, latents)}
     named = [_named(s) for s in vaes] + ([(PIXELS, PIXELS)] if pixels else [])

@@ -26,10 +26,14 @@ import numpy as np
 import torch
 
 from ..runtime.checkpoint import atomic_write_json
+from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
 from ..runtime.lock import rank0_folder_lock
+from . import build_dataset
 from . import latent_store as ls
 from .config import DataConfig
 from .latent_store import LatentStore
+from .prepared import read_index
+from .transforms import to_float
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
@@ -58,8 +62,6 @@ def cache_data_config(
     shapes_scene: str = "full",
 ) -> DataConfig:
     """The dataset spec of a cache run; the resolution defaults to a prepared dataset's own, else 256."""
-    from .prepared import read_index
-
     if resolution is None:
         resolution = read_index(path)["resolution"] if name == "prepared" and path else 256
     return DataConfig(
@@ -69,8 +71,6 @@ def cache_data_config(
 
 def dataset_record(data: DataConfig, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """(dataset, its description for the manifest: enough to rebuild the images of a shapes store)."""
-    from . import build_dataset
-
     ds = build_dataset(data, seed=seed)
     classes = list(getattr(ds, "classes", None) or getattr(ds, "class_names", None) or [])
     info = dict(
@@ -134,8 +134,6 @@ def cache_latents(
         on `device` ("auto": the GPU when there is one).
     Returns the store (with its teacher features when a teacher was given), on every rank.
     """
-    from ..runtime.distributed import DistInfo, resolve_device
-
     dist = dist or DistInfo(0, 1, 0, resolve_device(str(device)))
     dataset, info = dataset_record(data, seed)
     if teacher is not None and teacher_info is None:
@@ -177,9 +175,6 @@ def encode_dataset(
     manifest after a barrier. Complete shards of an earlier run with the same plan are kept. The caller holds
     the folder's lock (`cache_latents` does: `runtime.lock`)."""
     from tqdm import tqdm
-
-    from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
-    from .transforms import to_float
 
     dist = dist or DistInfo(0, 1, 0, resolve_device("auto"))
     device, root = dist.device, Path(out)

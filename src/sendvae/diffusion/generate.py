@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..data.latent_store import state_fingerprint, vae_fingerprint
+from ..data.transforms import to_uint8
 from ..models.latent_stats import LatentStats
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo, barrier, broadcast_object, resolve_device
@@ -267,8 +268,6 @@ def _make(
 ) -> Path:
     """The sampling itself, with OUTPUT held: check or resume the set, make the missing images, merge."""
     from tqdm import tqdm
-
-    from ..data.transforms import to_uint8
 
     final, parts = out / f"{name}.npz", out / f"{name}.parts"
     done_before, error = False, None

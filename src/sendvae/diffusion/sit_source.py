@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..data.latent_store import LatentStore, vae_fingerprint
 from ..models.latent_stats import LatentStats
+from ..models.sit import SiT, SiTConfig
+from ..models.sit_io import load_sit
+from ..models.vae_io import load_latent_stats, load_vae
 from ..runtime import checkpoint as ckpt
 from ..runtime.weights import malformed, read_json
 
@@ -44,9 +48,6 @@ class LoadedSiT:
 
 def stats_from_path(path: str | os.PathLike) -> LatentStats:
     """Latent statistics from a latent store folder, a SiT export folder or a stats file (json / tensors)."""
-    from ..data.latent_store import LatentStore
-    from ..models.vae_io import load_latent_stats
-
     path = Path(path)
     if (path / "manifest.json").exists():
         return LatentStore(path).stats
@@ -82,8 +83,6 @@ def _read_train_state(raw: dict[str, Any], weights: str, path: Path) -> tuple[Si
     """A SiT from a train-sit checkpoint (keys model, ema, model_config, config) and the run's settings, or
     from a train-vae repae checkpoint: its SiT, decoded by the VAE in the same file with the statistics of
     its latent BatchNorm at that step."""
-    from ..models.sit import SiT, SiTConfig
-
     joint = _joint_state(raw)
     if joint is not None:
         model = SiT(SiTConfig.from_dict(joint["model_config"]))
@@ -105,8 +104,6 @@ def _read_train_state(raw: dict[str, Any], weights: str, path: Path) -> tuple[Si
 
 def load_sit_model(path: str | os.PathLike, weights: str = "ema") -> LoadedSiT:
     """A SiT export folder, a train-sit checkpoint file, or a SiT / REPA / REPA-E checkpoint file."""
-    from ..models.sit_io import load_sit
-
     path = Path(path)
     name, source = (path.name if path.is_dir() else path.stem), str(path.resolve())
     raw = None
@@ -188,9 +185,6 @@ def load_vae_and_stats(
 ) -> tuple[AutoencoderKL, LatentStats]:
     """(VAE, LatentStats) to decode `sit`'s samples; the VAE is checked against the latents' fingerprint
     when it is known. `vae` defaults to the one the run names."""
-    from ..data.latent_store import vae_fingerprint
-    from ..models.vae_io import load_vae
-
     vae_src: str | None
     if isinstance(vae, nn.Module):
         vae_src = "the given VAE module"

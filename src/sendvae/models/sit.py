@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sendvae.config import from_dict
 from sendvae.models.layers import (
     Attention,
     NormLayer,
@@ -145,8 +146,6 @@ class SiTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SiTConfig:
         """Strictly: unknown fields and values of the wrong type are errors (`config.from_dict`)."""
-        from ..config import from_dict  # sendvae.config imports nothing of ours; kept out of the model's head
-
         return from_dict(cls, d)
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import from_dict
 from .latent_stats import denormalize, normalize
 from .vae_diffusers import save_vae
 
@@ -85,8 +86,6 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
         """Strictly: unknown fields and values of the wrong type are errors (`config.from_dict`)."""
-        from ..config import from_dict  # sendvae.config imports nothing of ours; kept out of the model's head
-
         return from_dict(cls, d)
 
 

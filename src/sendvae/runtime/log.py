@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import torch
 
+from .checkpoint import atomic_write_bytes
+
 _FORMAT = "[%(asctime)s] %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
 
@@ -118,8 +120,6 @@ class RunLogger:
         path = self.run_dir / "stats.jsonl"
         self._stats.close()
         rows = [r for r in read_stats(path) if int(r.get("step", 0)) <= step]
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
         self._stats = open(path, "a", buffering=1)
 
