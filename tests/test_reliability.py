@@ -196,8 +196,9 @@ def _leaves(d, prefix=""):
 ALLOWED_VAE = {
     "preset", "run.output_dir", "run.exp_name", "run.device", "run.compile", "run.channels_last",
     "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.sample_every", "run.tensorboard",
-    "run.stats_images", "run.fault_nan_steps", "run.fault_exit_step", "data.num_workers",
-    "optim.max_steps", "optim.epochs", "model.vae_ckpt", "model.disc_ckpt", "teacher.allow_download",
+    "run.stats_images", "run.fault_nan_steps", "run.fault_exit_step", "run.fault_exit_micro",
+    "data.num_workers", "model.grad_checkpointing", "optim.max_steps", "optim.epochs", "optim.grad_accum",
+    "model.vae_ckpt", "model.disc_ckpt", "teacher.allow_download",
 }  # fmt: skip
 ALLOWED_SIT_EXTRA = {"model.vae", "model.vae_config"}
 

@@ -148,7 +148,7 @@ def test_sit_loss_reaches_the_sit_only(tmp_path):
     _, _, z, _ = tr.model(x, cond)
     assert z.requires_grad  # z is attached to the VAE: only the update's detach keeps the VAE out
     before = {k: v.clone() for k, v in tr.cotrained.sit.state_dict().items()}
-    terms, bad = tr.cotrained.step(z, cond, tr.teacher_tokens(x), skip=torch.zeros(()))
+    terms, bad = tr.cotrained.step([(z, cond, tr.teacher_tokens(x))], skip=torch.zeros(()))
     assert float(bad) == 0 and set(terms) == set(JOINT_LOGGED) == set(ALIGNMENTS["repae"].cotrained_logged)
     assert all(p.grad is None for p in tr.model.parameters()), "the SiT's loss reached the VAE"
     after = tr.cotrained.sit.state_dict()

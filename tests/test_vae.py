@@ -153,18 +153,18 @@ def test_latent_stats_normalisation_round_trip():
         vae.set_latent_stats(torch.zeros(4), torch.zeros(4))
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
+def test_grad_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     vae = AutoencoderKL(VAE_CONFIGS["tiny-f16d32"])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     grads = []
     for flag in (False, True):
-        vae.gradient_checkpointing = flag
+        vae.grad_checkpointing = flag
         vae.zero_grad()
         recon, post = vae(x, sample=False)
         (recon.square().mean() + post.kl().mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in vae.parameters()]))
-    assert vae.encoder.gradient_checkpointing and vae.decoder.gradient_checkpointing
+    assert vae.encoder.grad_checkpointing and vae.decoder.grad_checkpointing
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 

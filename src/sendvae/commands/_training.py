@@ -9,6 +9,8 @@ config field is also an option ``--section.field``. The config starts from ``--p
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 from ..config import (
@@ -18,6 +20,7 @@ from ..config import (
     field_help,
     field_of,
     get_value,
+    iter_fields,
     load_config,
     metavar,
     overrides_from_args,
@@ -26,6 +29,32 @@ from ..config import (
 
 # option string(s), the first the one shown -> (config key, help)
 Aliases = dict[str | tuple[str, ...], tuple[str, str]]
+
+# Config keys renamed for one vocabulary: old dotted key -> new. The old spelling, as a flag or in a saved
+# config, is refused in one line naming the new one (never read silently as the new key, nor dropped).
+RENAMED = {"model.gradient_checkpointing": "model.grad_checkpointing"}
+
+
+def _refuse_renamed(args: argparse.Namespace) -> None:
+    for old, new in RENAMED.items():
+        if getattr(args, f"renamed:{old}", None) is not None:
+            raise ValueError(f"--{old} was renamed to --{new}")
+
+
+def _refuse_renamed_keys(path: str) -> None:
+    """A saved config that spells a renamed key: one line naming the key and its new name."""
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # load_config reports what is wrong with the file
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            raise ValueError(f"{file}: {old} was renamed to {new} (--{new}); rename the key in the file")
 
 
 def _flags(key: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -67,6 +96,9 @@ def add_training_arguments(
             metavar=metavar(tp),
             help=field_help(text, get_value(base, key), f.metadata.get("choices")),
         )
+    for old, new in RENAMED.items():  # refused with a hint (`resolve_config`), not listed in --help
+        if any(name == new for name, _, _ in iter_fields(cfg_cls)):
+            p.add_argument(f"--{old}", dest=f"renamed:{old}", metavar="X", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
     add_config_arguments(
@@ -87,7 +119,9 @@ def resolve_config(
 ) -> Any:
     """Preset or saved config, then aliases, then ``--section.field`` overrides (the most specific wins)."""
     cfg: Any
+    _refuse_renamed(args)
     if getattr(args, "config", None):
+        _refuse_renamed_keys(args.config)
         try:
             cfg = load_config(cfg_cls, args.config, presets)
         except FileNotFoundError as e:

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import from_dict, option, positive
 from ..runtime.weights import malformed, read_json, read_weights
@@ -228,6 +229,8 @@ def _resolve_heads(hidden: int, num_heads: int | None) -> int:
 class Mapper(nn.Module):
     """h_phi: latents (B, C, h, w) -> tokens (B, N, teacher_dim) on `token_grid` (N = product)."""
 
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass
+
     def __init__(
         self,
         latent_channels: int,
@@ -347,8 +350,9 @@ class Mapper(nn.Module):
             z = self.add_noise(z, t, noise)
         x = self.patch_embed(z).flatten(2).transpose(1, 2)  # (B, N, hidden)
         x = x + self.pos_embed.to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
+        for block in self.blocks:  # activation checkpointing: recompute each block in the backward pass
+            ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
         return self.projector(self.final_norm(x))  # (B, N, teacher_dim)
 
     def num_params(self, part: str | None = None) -> int:

@@ -214,11 +214,11 @@ def _mid_block(c: int, cfg: VAEConfig) -> nn.Module:
 class _Stack(nn.Module):
     """Shared forward helper: optional activation checkpointing around each block."""
 
-    gradient_checkpointing: bool = False
+    grad_checkpointing: bool = False
     mid: nn.Module  # block_1, attn_1, block_2 (`_mid_block`)
 
     def _run(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, h, use_reentrant=False)
         return module(h)
 
@@ -335,12 +335,12 @@ class AutoencoderKL(nn.Module):
         return self.config.embed_dim
 
     @property
-    def gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
+    def grad_checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing
 
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = bool(enabled)
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enabled: bool) -> None:
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = bool(enabled)
 
     def latent_grid(self, resolution: int | tuple[int, int]) -> tuple[int, int]:
         """Latent (h, w) for an image of `resolution` (int or (H, W))."""

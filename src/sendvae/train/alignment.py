@@ -50,7 +50,7 @@ SiT's first blocks) is one more entry here:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -92,9 +92,9 @@ class CoTrained(Protocol):
 
     def draw(self, labels: torch.Tensor | None, batch: int) -> Any: ...  # what the head reads beside z
 
-    def step(  # its update on sg(z), skipped when ``skip``; -> (logged terms, found_inf 0/1)
-        self, z: torch.Tensor, cond: Any, target: torch.Tensor, skip: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+    def step(  # its update on the micro-batches' (sg(z), cond, target), skipped when ``skip``
+        self, parts: Sequence[tuple[torch.Tensor, Any, torch.Tensor]], skip: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...  # -> (logged terms, found_inf 0/1)
 
     def state_dict(self) -> dict[str, Any]: ...
 

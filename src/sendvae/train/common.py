@@ -18,6 +18,10 @@ from torch import nn
 from ..config import device_name, nonempty, option
 
 
+def _step_and_micro(value: tuple[int, ...]) -> str | None:
+    return None if len(value) in (0, 2) else "must be two numbers STEP,MICRO (or empty)"
+
+
 @dataclass
 class RunConfig:
     output_dir: str = option("runs", "folder that holds the run folders", check=nonempty)
@@ -47,6 +51,13 @@ class RunConfig:
     )
     fault_exit_step: int | None = option(
         None, "testing aid: exit abruptly (no cleanup) after this step", hidden=True, min=1
+    )
+    fault_exit_micro: tuple[int, ...] = option(
+        (),
+        "testing aid: S,J: exit abruptly after micro-batch J (1-based) of step S, before its optimizer step",
+        hidden=True,
+        min=1,
+        check=_step_and_micro,
     )
 
 
@@ -97,6 +108,13 @@ def optimizer_step(
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm.detach(), found_inf
+
+
+def accumulate_terms(total: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], k: int) -> None:
+    """total[name] += terms[name] / k: a step's logged terms, averaged over its k micro-batches."""
+    for name, v in terms.items():
+        v = v.detach() / k if k > 1 else v.detach()
+        total[name] = total[name] + v if name in total else v
 
 
 @torch.no_grad()

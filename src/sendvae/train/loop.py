@@ -10,6 +10,16 @@ evenly over the processes, the global RNG is seeded before any model is built, t
 Resuming is exact by construction: the data position is the step (``StepBatchSampler``) and every random
 draw of a step comes from a generator seeded with (seed, step, rank) (`step_seed`), so the newest
 checkpoint plus the step is all a run needs to continue as if never stopped, with 1 or N processes.
+
+Gradient accumulation (``--optim.grad_accum K``): ``--optim.batch_size`` stays the global batch of one
+optimizer step; each of the W processes splits its B / W rows into K micro-batches of B / (W K) and runs
+forward + backward on each, the loss scaled by 1 / K, DDP syncing the gradients only on the last
+(`no_sync`); then one optimizer step, EMA, learning rate, NaN check and step count. Micro-batch j of rank r
+is "virtual rank" r + W j of W K (`micro_batches`, `seed_micro`): its rows are the ones process r + W j
+of a W K-process run would take, and its draws come from (seed, step, r + W j). So K = 1 is the run as
+before, and W processes with K micro-batches train as W K processes would, up to the order of float sums
+(and what depends on the micro-batch as a batch: BatchNorm-like statistics, see the trainers). A checkpoint
+is only written between optimizer steps: a run killed between micro-batches redoes that step on resume.
 A checkpoint that cannot be read is reported and the previous one is used. Nothing non-finite is ever
 written, and a run whose recent steps are mostly skipped stops with an error instead of exporting.
 """
@@ -17,6 +27,7 @@ written, and a run whose recent steps are mostly skipped stops with an error ins
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -72,12 +83,28 @@ class TrainerBase:
 
     # -- shared decisions -------------------------------------------------------------------------------
     def check_batch_size(self) -> None:
-        """The global ``--optim.batch_size`` must split evenly: each process takes batch_size / world."""
-        bs, world = self.cfg.optim.batch_size, self.dist.world_size
+        """The global ``--optim.batch_size`` must split evenly: each process takes batch_size / world, in
+        ``--optim.grad_accum`` micro-batches."""
+        bs, world, k = self.cfg.optim.batch_size, self.dist.world_size, self.cfg.optim.grad_accum
         if bs % world:
             raise ValueError(
                 f"--optim.batch_size {bs} must be divisible by the number of processes ({world})"
             )
+        if bs % (world * k):
+            raise ValueError(
+                f"--optim.batch_size {bs} must be divisible by the number of processes x --optim.grad_accum "
+                f"({world} x {k}): each process runs {k} micro-batches of batch_size / {world * k}"
+            )
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per optimizer step (``--optim.grad_accum``)."""
+        return int(self.cfg.optim.grad_accum)
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of one micro-batch on one process: batch_size / (world x grad_accum)."""
+        return self.cfg.optim.batch_size // (self.dist.world_size * self.accum)
 
     def seed_initial_weights(self) -> None:
         """Seed the global RNG with ``--run.seed`` before any model is built: every rank draws the same
@@ -121,10 +148,50 @@ class TrainerBase:
     def extra_log(self, row: dict[str, Any], img_per_s: float) -> None:
         pass
 
-    def seed_step(self) -> None:
-        """Seed the global RNG for this step on this rank; the first thing every ``train_step`` does, so
-        that a step's draws depend on (seed, step, rank) alone."""
-        torch.manual_seed(step_seed(self.cfg.run.seed, self.step, self.dist.rank))
+    def virtual_rank(self, micro: int) -> int:
+        """Micro-batch ``micro`` of this rank as a rank of W x K processes: rank + W micro."""
+        return self.dist.rank + self.dist.world_size * micro
+
+    def micro_rows(self, micro: int, rows_of_global: bool = False) -> slice:
+        """The rows of micro-batch ``micro``: of this rank's batch (every K-th row from ``micro``), or with
+        ``rows_of_global`` of the global batch (every W K-th from the virtual rank). The sampler gives rank r
+        the global rows r::W, so both name the same samples: (r::W)[j::K] = (r + W j)::(W K)."""
+        if rows_of_global:
+            return slice(self.virtual_rank(micro), None, self.dist.world_size * self.accum)
+        return slice(micro, None, self.accum)
+
+    def micro_batches(self, batch: Any) -> list[Any]:
+        """This rank's batch (a tensor, or a list / tuple of tensors) as its K micro-batches."""
+        parts = []
+        for j in range(self.accum):
+            rows = self.micro_rows(j)
+            if isinstance(batch, (list, tuple)):
+                parts.append(type(batch)(b[rows] for b in batch))
+            else:
+                parts.append(batch[rows])
+        return parts
+
+    def seed_step(self, micro: int = 0) -> None:
+        """Seed the global RNG for this step (micro-batch ``micro``) on this rank; the first thing every
+        ``train_step`` (micro-batch) does, so that its draws depend on (seed, step, virtual rank) alone."""
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.step, self.virtual_rank(micro)))
+
+    def no_sync(self, micro: int, *modules: torch.nn.Module | None) -> contextlib.ExitStack:
+        """DDP's ``no_sync`` for the DDP-wrapped ``modules`` on every micro-batch but the last: their
+        gradients are summed locally and all-reduced once, in the last micro-batch's backward."""
+        stack = contextlib.ExitStack()
+        if micro < self.accum - 1:
+            for m in modules:
+                if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+        return stack
+
+    def micro_done(self, micro: int) -> None:
+        """After micro-batch ``micro``'s backward (testing aid: die there, before the optimizer step)."""
+        aid = self.cfg.run.fault_exit_micro
+        if aid and aid[0] == self.step + 1 and aid[1] == micro + 1:
+            self.log.close()
+            os._exit(3)
 
     # -- state ------------------------------------------------------------------------------------------
     def full_state(self) -> dict[str, Any]:

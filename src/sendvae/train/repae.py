@@ -30,6 +30,7 @@ statistics, with the fingerprint of the exported VAE; the training state holds t
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,21 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from ..config import option, positive
 from ..diffusion.transport import T_SAMPLERS, TransportConfig, interpolate, sample_t, training_losses
 from ..models.latent_stats import LatentStats
 from ..models.mapper import GRID_MISMATCH_MODES, LatentNorm
 from ..models.sit import SIT_MODELS, SiT, SiTConfig, sit_config
-from .common import BufferGuard, autocast_dtype, ema_update, fused_adamw, optimizer_step
+from .common import (
+    BufferGuard,
+    accumulate_terms,
+    autocast_dtype,
+    ema_update,
+    fused_adamw,
+    optimizer_step,
+)
 from .latent_init import device_of, initial_latent_stats
 
 if TYPE_CHECKING:
@@ -183,7 +192,8 @@ def build_repae_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, 
     check_token_grids(cfg, sit_cfg, teacher.grid_size(res))
     norm = LatentNorm(vae.latent_channels, "running", cfg.sit.norm_momentum, cfg.sit.norm_eps)
     norm.set_stats(*initial_latent_stats(cfg, vae, dev))
-    joint = JointSiT(cfg, SiT(sit_cfg).to(dev), norm.to(dev))
+    sit = SiT(sit_cfg, grad_checkpointing=cfg.model.grad_checkpointing)  # also in the VAE's pass
+    joint = JointSiT(cfg, sit.to(dev), norm.to(dev))
     if logger is not None:
         n, w = joint.sit.num_params() / 1e6, cfg.loss.align_weight
         logger.info(f"repae: {sit_cfg.describe()}, {n:.2f}M params, trained beside the VAE; latent BN from "
@@ -236,9 +246,23 @@ class SiTAlignHead(nn.Module):
             draws = self.joint.draw(None, z.shape[0])
         x_t, _ = interpolate(self.joint.normalize(z, batch_stats=False), draws.eps, draws.t)
         keep = torch.zeros_like(draws.y, dtype=torch.bool) if draws.drop is not None else None  # true labels
-        features = self._held[1]
+        features, sit = self._held[1], self.joint.sit
         frozen = {k: p.detach() for k, p in features.named_parameters()}  # frozen for this loss
-        return torch.func.functional_call(features, frozen, (x_t, draws.t, draws.y, keep))
+        args = (x_t, draws.t, draws.y, keep)
+        if not (sit.grad_checkpointing and torch.is_grad_enabled()):
+            return torch.func.functional_call(features, frozen, args)
+
+        # --model.grad_checkpointing: the blocks are recomputed as one segment, not block by block, because
+        # a block's recomputation (in the backward pass, after functional_call has put the SiT's trainable
+        # parameters back) would not see the frozen ones.
+        def frozen_blocks() -> torch.Tensor:
+            sit.grad_checkpointing = False
+            try:
+                return torch.func.functional_call(features, frozen, args)
+            finally:
+                sit.grad_checkpointing = True
+
+        return checkpoint(frozen_blocks, use_reentrant=False)
 
 
 class JointSiT:
@@ -283,29 +307,39 @@ class JointSiT:
             self.norm.train(was)
 
     def step(
-        self, z: torch.Tensor, draws: SiTDraws, target: torch.Tensor, skip: torch.Tensor
+        self, parts: Sequence[tuple[torch.Tensor, SiTDraws, torch.Tensor]], skip: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One SiT update on sg(z) (B, C, h, w) with the teacher's tokens ``target`` (B, N, D); skipped with
-        the VAE's (``skip`` = 1) or on a non-finite gradient. Returns (logged terms, found_inf)."""
+        """One SiT update on the step's micro-batches (``--optim.grad_accum``; one part without it): each
+        part is sg(z) (B, C, h, w), its draws and the teacher's tokens ``target`` (B, N, D); each part's loss
+        is scaled by 1 / len(parts), DDP syncs on the last. Skipped with the VAE's (``skip`` = 1) or on a
+        non-finite gradient. Each part normalises with its own batch statistics (pooled over the processes)
+        and moves the BN's running statistics once. Returns (logged terms, found_inf)."""
+        k = len(parts)
         guard = BufferGuard([self.norm])  # the BN's running statistics move in this forward
-        z_hat = self.normalize(z.detach(), batch_stats=True)  # (B, C, h, w): no gradient to the VAE
-
-        def model(x, t, y, **kw):  # the (DDP) SiT with this step's label dropout
-            return self.ddp(x, t, y, force_drop_ids=draws.drop, **kw)
-
         amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
-        with amp:
-            out = training_losses(model, z_hat, draws.y, target, self.transport, t=draws.t, noise=draws.eps)
-        out["loss"].backward()
+        terms: dict[str, torch.Tensor] = {}
+        for j, (z, draws, target) in enumerate(parts):
+            z_hat = self.normalize(z.detach(), batch_stats=True)  # (B, C, h, w): no gradient to the VAE
+
+            def model(x, t, y, draws=draws, **kw):  # the (DDP) SiT with this micro-batch's label dropout
+                return self.ddp(x, t, y, force_drop_ids=draws.drop, **kw)
+
+            sync = self.ddp.no_sync() if j < k - 1 and isinstance(self.ddp, DDP) else nullcontext()
+            with sync:
+                with amp:
+                    out = training_losses(
+                        model, z_hat, draws.y, target, self.transport, t=draws.t, noise=draws.eps
+                    )
+                (out["loss"] / k if k > 1 else out["loss"]).backward()
+            accumulate_terms(
+                terms,
+                {"sit_loss": out["loss"], "denoise": out["denoise"], "proj": out["proj"]},
+                k,
+            )
         gnorm, bad = optimizer_step(self.opt, self.sit.parameters(), self.clip, skip=skip)
         guard.restore(bad)
         ema_update(self.ema, self.sit, self.cfg.ema_decay, found_inf=bad)
-        terms = {
-            "sit_loss": out["loss"].detach(),
-            "denoise": out["denoise"].detach(),
-            "proj": out["proj"].detach(),
-            "sit_grad_norm": gnorm,
-        }
+        terms["sit_grad_norm"] = gnorm
         return terms, bad
 
     # -----------------------------------------------------------------------------------------------------

@@ -13,7 +13,12 @@ checkpoint (not ``config.json``, which a failed start may have written) field by
   and the teacher with its weights.
 
 ``run.compile`` and ``run.device`` are free although they change rounding (another kernel, another sum
-order): the run is the same experiment, not bitwise the same floats.
+order): the run is the same experiment, not bitwise the same floats. So are ``model.grad_checkpointing``
+(the same forward, recomputed) and ``optim.grad_accum`` (the same global batch, data and draws per
+sample for the SiT; micro-batches are virtual ranks, so the VAE's draws stay those of the run when
+processes x grad_accum stays, e.g. 8 GPUs x 1 resumed on 4 x 2): what fits the GPUs at hand, like the
+number of processes. What depends on the micro-batch as a batch (train/vae.py: the PatchGAN's BatchNorm,
+the mapper's running LatentNorm, REPA-E's latent BatchNorm) follows the new split from then on.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ FREE_COMMON = frozenset(
         "run.stats_images",
         "run.fault_nan_steps",
         "run.fault_exit_step",
+        "run.fault_exit_micro",
         "data.num_workers",
+        "model.grad_checkpointing",
         "optim.max_steps",
         "optim.epochs",
+        "optim.grad_accum",
     }
 )
 # train-vae: the initial weights are replaced by the checkpoint's; downloading changes no tensor.

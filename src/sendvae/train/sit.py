@@ -31,7 +31,14 @@ from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
-from .common import BufferGuard, autocast_dtype, ema_update, optimizer_step, setup_backends
+from .common import (
+    BufferGuard,
+    accumulate_terms,
+    autocast_dtype,
+    ema_update,
+    optimizer_step,
+    setup_backends,
+)
 from .loop import TrainerBase
 from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
@@ -220,10 +227,11 @@ class SiTTrainer(TrainerBase):
 
     # -----------------------------------------------------------------------------------------------------
     def step_noise(self, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """All randomness of one step, drawn for the GLOBAL batch from a (seed, step) generator, then this
-        rank's rows (rank::world, as the sampler splits the batch). Training is therefore the same for any
-        number of processes, and a resumed run redraws exactly what an uninterrupted one would."""
-        cfg, dev, d = self.cfg, self.device, self.dist
+        """All randomness of one step, drawn for the GLOBAL batch from a (seed, step) generator; each
+        micro-batch takes its rows (`micro_rows`: rank::world without accumulation, as the sampler splits the
+        batch). Training is therefore the same for any number of processes and micro-batches, and a resumed
+        run redraws exactly what an uninterrupted one would."""
+        cfg, dev = self.cfg, self.device
         b = cfg.optim.batch_size
         g = torch.Generator(device=dev).manual_seed(cfg.run.seed * 1_000_003 + self.step)
         noise = {
@@ -235,17 +243,45 @@ class SiTTrainer(TrainerBase):
         }
         if not cfg.data.hflip:
             noise["flip"].zero_()
-        return {k: v[d.rank :: d.world_size] for k, v in noise.items()}
+        return noise
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One optimizer step; with ``--optim.grad_accum K`` over K micro-batches (train/loop.py), each loss
+        scaled by 1 / K, DDP syncing the last. The SiT has no batch statistics: the update is the whole
+        batch's, up to float rounding."""
+        cfg = self.cfg
+        k = self.accum
+        noise = self.step_noise(tuple(self.store.latent_shape))
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        state = BufferGuard([self.model])
+        terms: dict[str, torch.Tensor] = {}
+        for j, micro in enumerate(self.micro_batches(batch)):
+            self.seed_step(j)  # any draw outside step_noise (none today) is still a function of the step
+            n = {name: v[self.micro_rows(j, rows_of_global=True)] for name, v in noise.items()}
+            with self.no_sync(j, self.ddp):
+                out = self.micro_loss(micro, n, poison=self.step in cfg.run.fault_nan_steps and j == k - 1)
+                (out["loss"] / k if k > 1 else out["loss"]).backward()
+            parts = {"loss": out["loss"], "denoise": out["denoise"]}
+            if self.repa:
+                parts["proj"] = out["proj"]
+                parts["cos"] = -out["proj"]
+            accumulate_terms(terms, parts, k)
+            self.micro_done(j)
+        norm, bad = optimizer_step(self.opt, self.model.parameters(), cfg.optim.grad_clip)
+        state.restore(bad)
+        ema_update(self.ema, self.model, cfg.model.ema_decay, found_inf=bad)
+        return {**terms, "grad_norm": norm, "skipped": bad}
+
+    def micro_loss(self, batch, n: dict[str, torch.Tensor], poison: bool = False) -> dict[str, torch.Tensor]:
+        """Flow matching (+ REPA) on one micro-batch with its rows ``n`` of the step's draws.
+        ``poison``: testing aid, the latents made NaN."""
         cfg, dev = self.cfg, self.device
-        self.seed_step()  # any draw outside step_noise (none today) is still a function of the step
         moments, labels = batch[0].to(dev, non_blocking=True), batch[-1].to(dev, non_blocking=True)
-        n = self.step_noise(tuple(self.store.latent_shape))
         m = select_flip(moments, n["flip"]).float()  # (B, 2 (mean, std), C, h, w)
         z = m[:, 0] + m[:, 1] * n["z_eps"] if cfg.data.sample_posterior else m[:, 0]
         z = self.stats.normalize(z)  # (B, C, h, w), what the SiT models
-        if self.step in cfg.run.fault_nan_steps:  # testing aid: a corrupt batch
+        if poison:
             z = z * float("nan")
         y = torch.zeros_like(labels) if cfg.model.unconditional else labels
         tokens = None
@@ -259,27 +295,14 @@ class SiTTrainer(TrainerBase):
         if tokens is not None and self.feat_grid is not None:
             g = self.model_cfg.grid_size
             tokens = resample_tokens(tokens, self.feat_grid, (g, g))
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
         drop = n["drop"] if self.model_cfg.class_dropout_prob > 0 else None
 
         def model(x, t, y, **kw):  # the DDP/compiled SiT with this step's label dropout
             return self.fwd(x, t, y, force_drop_ids=drop, **kw)
 
         amp = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
-        state = BufferGuard([self.model])
         with amp:
-            out = training_losses(model, z, y, tokens, cfg.transport, t=n["t"], noise=n["eps"])
-        loss = out["loss"]
-        loss.backward()
-        norm, bad = optimizer_step(self.opt, self.model.parameters(), cfg.optim.grad_clip)
-        state.restore(bad)
-        ema_update(self.ema, self.model, cfg.model.ema_decay, found_inf=bad)
-        terms = {"loss": loss.detach(), "denoise": out["denoise"].detach(), "grad_norm": norm, "skipped": bad}
-        if self.repa:
-            terms["proj"] = out["proj"].detach()
-            terms["cos"] = -out["proj"].detach()
-        return terms
+            return training_losses(model, z, y, tokens, cfg.transport, t=n["t"], noise=n["eps"])
 
     # -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,8 +346,8 @@ class SiTTrainer(TrainerBase):
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
         self.log.info(
             f"{self.model_cfg.describe()}: {n:.2f}M params; training from step {self.step} to "
-            f"{self.max_steps}, global batch {self.cfg.optim.batch_size}, "
-            f"{self.dist.world_size} process(es), autocast {self.amp}"
+            f"{self.max_steps}, global batch {self.cfg.optim.batch_size} = {self.dist.world_size} "
+            f"process(es) x {self.accum} micro-batch(es) of {self.micro_batch}, autocast {self.amp}"
         )
         super().train()
 

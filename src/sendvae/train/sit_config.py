@@ -46,7 +46,9 @@ class SiTModelConfig:
         0.1, "label dropout to the null class (for classifier-free guidance)", min=0, max=1
     )
     unconditional: bool = option(False, "ignore the labels (one class)")
-    grad_checkpointing: bool = option(False, "recompute block activations in the backward pass")
+    grad_checkpointing: bool = option(
+        False, "activation checkpointing: recompute the SiT's block activations in the backward pass"
+    )
     ema_decay: float = option(0.9999, "EMA decay per step", min=0, max=1)
     vae: str | None = option(
         None, "the VAE the store must come from (path or preset); checked, and used to decode sample grids"
@@ -56,7 +58,18 @@ class SiTModelConfig:
 
 @dataclass
 class SiTOptimConfig:
-    batch_size: int = option(256, "global batch size (split across ranks)", min=1)
+    batch_size: int = option(
+        256,
+        "global batch size per optimizer step (split across ranks, then into grad_accum micro-batches)",
+        min=1,
+    )
+    grad_accum: int = option(
+        1,
+        "gradient accumulation: each process runs its share of --optim.batch_size as this many "
+        "micro-batches of batch_size / (processes x grad_accum), one optimizer step after the last "
+        "(the memory of one micro-batch; the update of the whole batch)",
+        min=1,
+    )
     lr: float = option(1e-4, "AdamW learning rate", check=positive)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)

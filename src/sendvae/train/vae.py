@@ -1,6 +1,7 @@
 """``sendvae train-vae``: Send-VAE training loop (one CPU process, or many GPUs under torchrun).
 
-Per step: generator update (VAE + mapper, all loss terms), then discriminator update. To resume,
+Per step: generator update (VAE + mapper, all loss terms), then discriminator update; with
+``--optim.grad_accum K`` both accumulate over K micro-batches first (`VAETrainer.train_step`). To resume,
 run the same command again: the newest checkpoint in the run folder restores models, EMA,
 optimizers, LeCam state and step; the data position and every random draw follow from the step (see
 train/loop.py).
@@ -40,7 +41,14 @@ from .builders import (
     build_vae_for,
     check_lpips_for,
 )
-from .common import BufferGuard, autocast_dtype, ema_update, optimizer_step, setup_backends
+from .common import (
+    BufferGuard,
+    accumulate_terms,
+    autocast_dtype,
+    ema_update,
+    optimizer_step,
+    setup_backends,
+)
 from .loop import TrainerBase
 from .resume import FREE_VAE
 from .vae_config import TrainVAEConfig
@@ -70,6 +78,10 @@ class VAETrainer(TrainerBase):
         grid = self.alignment.token_grid(head) if head is not None else None
         self.cotrained = self.alignment.cotrained(head) if head is not None else None
         self.model = SendVAEModel(vae, head, cfg.model.sample_posterior, grid).to(dev)
+        if cfg.model.grad_checkpointing:  # the VAE encoder / decoder blocks and the mapper's blocks
+            for m in self.model.modules():
+                if hasattr(m, "grad_checkpointing"):
+                    setattr(m, "grad_checkpointing", True)  # noqa: B010 (nn.Module's typing hides the flag)
         if cfg.optim.freeze_decoder:
             for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
                 p.requires_grad_(False)
@@ -137,69 +149,102 @@ class VAETrainer(TrainerBase):
     # -----------------------------------------------------------------------------------------------------
     # One step
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        """One generator + discriminator update on a batch of uint8 images (or (images, labels))."""
+    def micro_inputs(self, batch, micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A micro-batch of uint8 images (or (images, labels)) -> (x in [-1, 1] flipped at random, labels)."""
         cfg, dev = self.cfg, self.device
-        self.seed_step()  # flips, posterior samples and mapper noise: functions of (seed, step, rank)
         labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
         x = to_float(batch.to(dev, non_blocking=True))
-        if self.step in cfg.run.fault_nan_steps:  # testing aid: a corrupt batch
+        if self.step in cfg.run.fault_nan_steps and micro == self.accum - 1:  # testing aid: a corrupt batch
             x = x * float("nan")
         if cfg.data.hflip:
             flip = torch.rand(x.shape[0], device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if self.cl:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One generator + discriminator update on a batch of uint8 images (or (images, labels)).
+
+        With ``--optim.grad_accum K`` the batch runs as K micro-batches (train/loop.py): each one's generator
+        loss, then its discriminator loss, scaled by 1 / K and backpropagated (DDP syncs on the last); then
+        the generator's optimizer step and EMA, the discriminator's, and the co-trained model's update on the
+        micro-batches' detached latents. A non-finite gradient in any micro-batch skips the whole step.
+        For a loss that is a mean over the batch this is the large batch's update, up to float rounding.
+        What is not: statistics of the micro-batch as a batch, namely the PatchGAN's BatchNorm (per process
+        under DDP already; its running statistics move K times a step, unused in training), the mapper's
+        running LatentNorm and REPA-E's latent BatchNorm (batch statistics pooled over the processes' micro-
+        batch, not over the whole batch; REPA-E's running statistics, which the VAE's pass reads, move K times
+        a step), the LeCam EMAs (K updates), and the adaptive weights (VF loss, ``--loss.gan_adaptive``:
+        gradient norms of each micro-batch's terms).
+        """
+        cfg = self.cfg
+        k = self.accum
         gan_on = self.disc is not None and self.step >= cfg.loss.gan_start
         for g in self.opt_g.param_groups:
             g["lr"] = self.lr_at(self.step)
-        amp = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
-        # what the head reads beside z, from the co-trained model (REPA-E: the SiT's t, noise and labels)
-        cond = self.cotrained.draw(labels, x.shape[0]) if self.cotrained is not None else None
-
-        # ---- generator: VAE + alignment head
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
         g_state = BufferGuard([self.model])  # LatentNorm statistics move in the forward pass
         d_state = BufferGuard([self.disc, self.loss])  # BatchNorm (also in the generator's D pass), LeCam
-        if self.disc is not None:
-            self.disc.requires_grad_(False)
-        with amp:
-            recon, posterior, z, pred = self.fwd(x, cond)
-            target = self.teacher_tokens(x) if self.teacher is not None else None
+        terms: dict[str, torch.Tensor] = {}
+        co_parts = []  # (sg(z), cond, target) of each micro-batch, for the co-trained model's update
         vae = self.model.vae
-        loss, terms = self.loss.generator(
-            x,
-            recon,
-            posterior,
-            pred,
-            target,
-            gan_on,
-            dec_last=vae.decoder.conv_out.weight,
-            enc_last=vae.encoder.conv_out.weight,
-        )
-        loss.backward()
+        for j, micro in enumerate(self.micro_batches(batch)):
+            self.seed_step(j)  # flips, posterior samples and mapper noise: functions of (seed, step, rank, j)
+            x, labels = self.micro_inputs(micro, j)
+            # what the head reads beside z, from the co-trained model (REPA-E: the SiT's t, noise and labels)
+            cond = self.cotrained.draw(labels, x.shape[0]) if self.cotrained is not None else None
+
+            # ---- generator: VAE + alignment head
+            if self.disc is not None:
+                self.disc.requires_grad_(False)
+            with self.no_sync(j, self.ddp_model):
+                with amp:
+                    recon, posterior, z, pred = self.fwd(x, cond)
+                    target = self.teacher_tokens(x) if self.teacher is not None else None
+                loss, g_terms = self.loss.generator(
+                    x,
+                    recon,
+                    posterior,
+                    pred,
+                    target,
+                    gan_on,
+                    dec_last=vae.decoder.conv_out.weight,
+                    enc_last=vae.encoder.conv_out.weight,
+                )
+                (loss / k if k > 1 else loss).backward()
+            accumulate_terms(terms, g_terms, k)
+
+            # ---- discriminator, on this micro-batch's reals and sg(reconstructions)
+            if gan_on:
+                assert self.disc is not None and self.ddp_disc is not None  # gan_on
+                self.disc.requires_grad_(True)
+                with self.no_sync(j, self.ddp_disc):
+                    with amp:
+                        d_loss, d_terms = self.loss.discriminator(self.ddp_disc, x, recon)
+                    (d_loss / k if k > 1 else d_loss).backward()
+                accumulate_terms(terms, d_terms, k)
+            if self.cotrained is not None:
+                assert target is not None  # a co-trained model comes with a head, hence a teacher
+                co_parts.append((z.detach(), cond, target))
+            self.micro_done(j)
+
         gnorm, bad = optimizer_step(self.opt_g, self.model.parameters(), cfg.optim.grad_clip)
         g_state.restore(bad)
         terms["grad_norm"] = gnorm
         if self.ema is not None:
             ema_update(self.ema, vae, cfg.model.ema_decay, found_inf=bad)
-
-        # ---- discriminator
         if gan_on:
-            assert self.disc is not None and self.ddp_disc is not None and self.opt_d is not None  # gan_on
-            self.disc.requires_grad_(True)
-            with amp:
-                d_loss, d_terms = self.loss.discriminator(self.ddp_disc, x, recon)
-            d_loss.backward()
+            assert self.disc is not None and self.opt_d is not None  # gan_on
             dnorm, bad = optimizer_step(self.opt_d, self.disc.parameters(), cfg.optim.grad_clip, skip=bad)
-            terms.update(d_terms, d_grad_norm=dnorm)
+            terms["d_grad_norm"] = dnorm
         d_state.restore(bad)
 
         # ---- the model trained beside the VAE, on sg(z)
         if self.cotrained is not None:
-            assert target is not None  # a co-trained model comes with a head, hence a teacher
-            co_terms, bad = self.cotrained.step(z, cond, target, skip=bad)
+            co_terms, bad = self.cotrained.step(co_parts, skip=bad)
             terms.update(co_terms)
         terms["skipped"] = bad  # 1 when the generator, the discriminator or a co-trained update was skipped
         return terms
@@ -238,7 +283,8 @@ class VAETrainer(TrainerBase):
 
     def train(self) -> None:
         self.log.info(
-            f"training from step {self.step} to {self.max_steps} (global batch {self.cfg.optim.batch_size}, "
-            f"{self.dist.world_size} process(es), device {self.device}, autocast {self.amp})"
+            f"training from step {self.step} to {self.max_steps} (global batch {self.cfg.optim.batch_size}"
+            f" = {self.dist.world_size} process(es) x {self.accum} micro-batch(es) of {self.micro_batch}, "
+            f"device {self.device}, autocast {self.amp})"
         )
         super().train()

@@ -40,7 +40,11 @@ class ModelConfig:
     disc_layers: int = option(3, "discriminator depth", min=0)
     ema: bool = option(False, "keep an EMA of the VAE weights (exported instead of the raw weights)")
     ema_decay: float = option(0.9999, "EMA decay per step", min=0, max=1)
-    gradient_checkpointing: bool = option(False, "recompute VAE activations in the backward pass")
+    grad_checkpointing: bool = option(
+        False,
+        "activation checkpointing: recompute the blocks of the VAE encoder / decoder, the mapper and (repae) "
+        "the SiT in the backward pass (less memory, ~1 more forward)",
+    )
     sample_posterior: bool = option(True, "decode z ~ q(z|x) (True) or the posterior mean (False)")
 
 
@@ -104,7 +108,18 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = option(1024, "global batch size (split across ranks)", min=1)
+    batch_size: int = option(
+        1024,
+        "global batch size per optimizer step (split across ranks, then into grad_accum micro-batches)",
+        min=1,
+    )
+    grad_accum: int = option(
+        1,
+        "gradient accumulation: each process runs its share of --optim.batch_size as this many "
+        "micro-batches of batch_size / (processes x grad_accum), one optimizer step after the last "
+        "(the memory of one micro-batch; the update of the whole batch)",
+        min=1,
+    )
     lr: float = option(3e-4, "AdamW learning rate for the VAE and mapper", check=positive)
     disc_lr: float | None = option(None, "discriminator learning rate (default: lr)", check=positive)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
