@@ -13,6 +13,7 @@ the gradient itself: the optimizer's first moment after one step is (1 - beta1) 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -259,3 +260,18 @@ def test_the_old_checkpointing_name_is_refused_with_the_new_one(tmp_path, capsys
     err = capsys.readouterr().err
     assert "model.gradient_checkpointing was renamed to model.grad_checkpointing" in err, err
     assert main(["train-sit", "--model.grad_checkpointing", "true", "--dry-run"]) == 0
+
+
+# -- bench --------------------------------------------------------------------------------------------------
+
+
+def test_bench_reports_the_micro_batch_and_accumulation_it_ran(capsys):
+    tiny = "--batch-size 4 --grad-accum 2 --grad-checkpointing --iters 1 --warmup 0 --json".split()
+    sit = "train-sit --model SiT-S/2 --sit-depth 2 --sit-width 64 --teacher-features cached".split()
+    vae = "train-vae --vae tiny-f8d4 --enc-type efficientnet-lite0 --resolution 64".split()
+    for args in (sit, vae):
+        assert main(["bench", *args, *tiny]) == 0
+        out = capsys.readouterr().out
+        (row,) = json.loads(out[out.index("[") :])
+        assert (row["batch"], row["micro_batch"], row["grad_accum"]) == (4, 2, 2), row
+        assert row["grad_checkpointing"] is True and row["img_s"] > 0

@@ -1,8 +1,10 @@
 """``sendvae bench train-sit``: one SiT + REPA training step as train-sit runs it, on synthetic data.
 
-Two teacher modes: ``cached`` reads teacher tokens from memory (what a latent store with features gives),
-``online`` runs the teacher (random weights) on random images every step. The step is the trainer's:
-draw latents, flow-matching + REPA loss under bf16 autocast, backward, clip, fused AdamW, EMA.
+``batch`` is one optimizer step's, run as ``grad_accum`` micro-batches (the row says both); ``img_s`` counts
+the images of optimizer steps. Two teacher modes: ``cached`` reads teacher tokens from memory (what a latent
+store with features gives), ``online`` runs the teacher (random weights) on random images every step. The
+step is the trainer's: draw latents, flow-matching + REPA loss under bf16 autocast, backward, clip, fused
+AdamW, EMA.
 MFU = model FLOPs per image (fwd + bwd, projector included) x img/s / the measured bf16 matmul rate.
 """
 
@@ -33,8 +35,15 @@ def bench_train_sit(
     compile: bool = False,
     iters: int = 5,
     warmup: int = 2,
+    grad_accum: int = 1,
+    grad_checkpointing: bool = False,
     **overrides,
 ) -> dict:
+    """One optimizer step of ``batch`` images, run as ``grad_accum`` micro-batches (as train-sit's
+    ``--optim.grad_accum``), with or without activation checkpointing."""
+    if batch % grad_accum:
+        raise ValueError(f"--batch-size {batch} must be divisible by --grad-accum {grad_accum}")
+    micro = batch // grad_accum
     c, h, _ = latent
     tokens_dim = 768
     t_model = None
@@ -49,7 +58,7 @@ def bench_train_sit(
     cfg = sized_sit_config(
         model, size, input_size=h, in_channels=c, num_classes=1000, z_dims=(tokens_dim,), **overrides
     )
-    net = SiT(cfg).to(device)
+    net = SiT(cfg, grad_checkpointing=grad_checkpointing).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = fused_adamw(net.parameters(), 1e-4, (0.9, 0.999), 0.0)
     fwd = torch.compile(net) if compile else net
@@ -66,10 +75,12 @@ def bench_train_sit(
     images = torch.rand(batch, 3, h * 8, h * 8, device=device) * 2 - 1 if t_model is not None else None
 
     def step() -> None:
-        with amp():
-            target = t_model(images) if t_model is not None else cached
-            out = training_losses(fwd, z, y, target, tc)
-        out["loss"].backward()
+        for j in range(grad_accum):  # the trainer's micro-batches: every grad_accum-th row
+            rows = slice(j, None, grad_accum)
+            with amp():
+                target = t_model(images[rows]) if t_model is not None and images is not None else cached[rows]
+                out = training_losses(fwd, z[rows], y[rows], target, tc)
+            (out["loss"] / grad_accum).backward()
         _, bad = optimizer_step(opt, net.parameters(), 1.0)
         ema_update(ema, net, 0.9999, bad)
 
@@ -85,6 +96,9 @@ def bench_train_sit(
         "model": model,
         "teacher": teacher,
         "batch": batch,
+        "micro_batch": micro,
+        "grad_accum": grad_accum,
+        "grad_checkpointing": grad_checkpointing,
         "compile": compile,
         "params_m": round(net.num_params() / 1e6, 1),
         "img_s": batch / t,

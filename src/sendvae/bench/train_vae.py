@@ -27,7 +27,11 @@ def bench_train_vae(
     dtype: torch.dtype | None,
     iters: int = 5,
     warmup: int = 2,
+    grad_accum: int = 1,
+    grad_checkpointing: bool = False,
 ) -> dict:
+    """The end-to-end step is one optimizer step of ``batch`` images in ``grad_accum`` micro-batches (the
+    trainer's ``--optim.grad_accum``); the component split times one micro-batch."""
     import tempfile
 
     from ..losses.align import cosine_alignment_loss
@@ -42,6 +46,8 @@ def bench_train_vae(
         "data.name": "shapes",
         "data.resolution": resolution,
         "optim.batch_size": batch,
+        "optim.grad_accum": grad_accum,
+        "model.grad_checkpointing": grad_checkpointing,
         "optim.max_steps": 10**9,
         "run.precision": "bf16" if dtype is not None else "fp32",
     }
@@ -55,7 +61,7 @@ def bench_train_vae(
     with tempfile.TemporaryDirectory() as tmp:
         tr = VAETrainer(cfg, dist, __import__("pathlib").Path(tmp), RunLogger(None, is_main=False))
     x8 = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
-    x = x8.float() / 127.5 - 1
+    x = x8[: tr.micro_batch].float() / 127.5 - 1  # the components: one micro-batch
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     model, teacher, lpips, disc, opt_d = tr.model, tr.teacher, tr.loss.lpips, tr.disc, tr.opt_d
     # the sendvae-f16d32 preset trains with all of them
@@ -122,6 +128,9 @@ def bench_train_vae(
         "vae": vae,
         "teacher": enc_type,
         "batch": batch,
+        "micro_batch": tr.micro_batch,
+        "grad_accum": grad_accum,
+        "grad_checkpointing": grad_checkpointing,
         "resolution": resolution,
         "img_s": batch / t_full,
         "step_ms": 1e3 * t_full,
@@ -157,7 +166,7 @@ def print_train_vae(rows: list[dict]) -> None:
                 [
                     r["vae"],
                     r["teacher"],
-                    r["batch"],
+                    f"{r['micro_batch']}x{r['grad_accum']}" if r["grad_accum"] > 1 else r["batch"],
                     f"{r['img_s']:.1f}",
                     f"{r['step_ms']:.0f}",
                     mem,

@@ -51,6 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train-sit: teacher features cached in the store, or computed online (default: both)",
     )
     p.add_argument("--compile", action="store_true", help="train-sit: torch.compile the SiT")
+    p.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        default=1,
+        help="train-vae / train-sit: run --batch-size as this many micro-batches per optimizer step "
+        "(the trainers' --optim.grad_accum; default: %(default)s)",
+    )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="train-vae / train-sit: activation checkpointing (the trainers' --model.grad_checkpointing)",
+    )
     p.add_argument("--sit-depth", type=positive_int, help="train-sit: override the depth (CPU smoke runs)")
     p.add_argument("--sit-width", type=positive_int, help="train-sit: override the width (CPU smoke runs)")
     p.add_argument(
@@ -219,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
                     compile=args.compile,
                     iters=args.iters,
                     warmup=args.warmup,
+                    grad_accum=args.grad_accum,
+                    grad_checkpointing=args.grad_checkpointing,
                     **over,
                 )
             )
@@ -226,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
             print(
-                f"{r['model']} batch {r['batch']} teacher {r['teacher']}: {r['img_s']:.1f} img/s, "
+                f"{r['model']} batch {r['batch']} ({r['grad_accum']} micro-batch(es) of {r['micro_batch']}"
+                f"{', checkpointing' if r['grad_checkpointing'] else ''}) teacher {r['teacher']}: "
+                f"{r['img_s']:.1f} img/s, "
                 f"{r['step_ms']:.0f} ms/step, first step {r['first_step_s']:.1f} s, peak {peak}, "
                 f"{r['tflops']:.1f} TFLOP/s, MFU {mfu} (params {r['params_m']}M, "
                 f"{r['gflop_per_img']:.1f} GFLOP/img fwd+bwd)"
@@ -238,8 +254,17 @@ def run(args: argparse.Namespace) -> int:
         for name in args.vae or ["f16d32"]:
             rows.append(
                 bench_train_vae(
-                    name, args.enc_type, dev, batch, args.resolution, dtype, args.iters, args.warmup
-                )
+                    name,
+                    args.enc_type,
+                    dev,
+                    batch,
+                    args.resolution,
+                    dtype,
+                    args.iters,
+                    args.warmup,
+                    grad_accum=args.grad_accum,
+                    grad_checkpointing=args.grad_checkpointing,
+                )  # fmt: skip
             )
         print_train_vae(rows)
     if args.json:
