@@ -229,7 +229,7 @@ def test_the_exceptions_are_still_needed():
 # Folders whose modules import the package at their top: a function-level import of our own modules
 # there says why on its line or the line above (CLI start-up time, an optional dependency).
 TOP_IMPORT_FOLDERS = ("models", "data", "metrics", "analysis", "runtime", "diffusion")
-TOP_IMPORT_PENDING = {"data/embedded.py"}  # two imports of .shapes still inside functions
+TOP_IMPORT_PENDING: set[str] = set()
 
 
 def test_library_modules_import_the_package_at_their_top():

@@ -30,6 +30,7 @@ import torch
 
 from .config import DataConfig
 from .fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST, find_fashion_mnist_files
+from .shapes import ShapesDataset, scene_config
 
 EMBEDDED = ("fashion-mnist", "shapes")
 FMNIST_TEST_HALF = 5000  # test images per held-out part (reference | eval)
@@ -54,8 +55,6 @@ class Embedded:
     def classes(self) -> tuple[str, ...]:
         if self.name == "fashion-mnist":
             return CLASSES
-        from .shapes import scene_config
-
         return tuple(scene_config(self.scene).shapes)
 
     @property
@@ -83,8 +82,6 @@ class Embedded:
         if part not in _SHAPES_SEED:
             raise ValueError(f"unknown split {part!r}; choose from {', '.join(_SHAPES_SEED)}")
         if self.name == "shapes":
-            from .shapes import ShapesDataset, scene_config
-
             seed = _SHAPES_SEED[part] + offset
             return ShapesDataset(scene_config(self.scene, resolution=self.resolution, seed=seed))
         if part in ("train", "judge"):
@@ -121,7 +118,7 @@ def fashion_mnist_found(path: str | os.PathLike | None) -> str | None:
 
 def download_fashion_mnist(root: str | os.PathLike) -> Path:
     """Fetch Fashion-MNIST with torchvision into ROOT/FashionMNIST/raw (needs a network); returns ROOT."""
-    from torchvision.datasets import FashionMNIST as TVFashionMNIST
+    from torchvision.datasets import FashionMNIST as TVFashionMNIST  # only for the opt-in download
 
     for train in (True, False):
         TVFashionMNIST(str(root), train=train, download=True)

@@ -42,10 +42,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..data.embedded import Embedded
+from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, find_fashion_mnist_files
+from ..data.shapes import scene_config
 from ..metrics.frechet import feature_statistics, frechet_distance
+from ..runtime.checkpoint import atomic_write_bytes
 
 JUDGE_VERSION = 1
 SHAPES_TRAIN_IMAGES = 20000
@@ -110,14 +116,10 @@ def data_fingerprint(data: Embedded) -> str:
     """What the judge's training data is: the IDX files' bytes (Fashion-MNIST) or the scene's config."""
     h = hashlib.sha256()
     if data.name == "fashion-mnist":
-        from ..data.fashion_mnist import find_fashion_mnist_files
-
         for split in ("train", "test"):
             for path in find_fashion_mnist_files(data.path or "", split):
                 h.update(path.read_bytes())
     else:
-        from ..data.shapes import scene_config
-
         h.update(repr(scene_config(data.scene, resolution=data.resolution)).encode())
     return h.hexdigest()
 
@@ -245,11 +247,6 @@ def load_judge(
 ) -> Judge:
     """The judge of `data`: from the cache when its fingerprint matches, else trained (about a minute on
     2 cores for Fashion-MNIST) and cached. Its held-out test accuracy is measured on the test split."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    from safetensors.torch import save as safetensors_bytes
-
-    from ..runtime.checkpoint import atomic_write_bytes
 
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     name = judge_name(data)
@@ -305,6 +302,5 @@ def load_judge(
 
 
 def _test_split(data: Embedded):
-    from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
 
     return FashionMNIST(data.path or DEFAULT_ROOT, "test", data.resolution)

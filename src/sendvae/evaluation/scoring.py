@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..metrics.frechet import feature_statistics, frechet_distance
+from ..metrics.recon import ReconMetrics, reconstruct
 from .judge import Judge
 
 
@@ -82,8 +83,6 @@ class Scorer:
     ) -> tuple[dict, ImageSet, ImageSet]:
         """Reconstruct the first n images of `dataset` (posterior mean) and score them: the `samples` scores
         (rFD in both spaces, class accuracy), PSNR, SSIM, LPIPS as `lpips_name`; also the image sets."""
-        from ..metrics.recon import ReconMetrics, reconstruct
-
         metrics = ReconMetrics(lpips)
         originals, recons = [], []
         for x, y in reconstruct(vae, dataset, n, batch_size, device):

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
 Z95 = 1.959963984540054
 
@@ -65,9 +66,7 @@ def mean_of(values: np.ndarray, weights: np.ndarray | None = None) -> float:
 
 
 def _t975(dof: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, dof)) if dof >= 1 else math.inf
+    return float(student_t.ppf(0.975, dof)) if dof >= 1 else math.inf
 
 
 @dataclass

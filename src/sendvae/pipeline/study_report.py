@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..evaluation.stats import FDToReference, Interval, bootstrap, mean_of, pearson_interval
+from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
 from .study_config import StudyConfig
 
 # key -> (label, lower is better, per-sample array file and key prefix)
@@ -60,8 +62,6 @@ def _stat(key: str, fd: FDToReference):
 
 def analyse(cfg: StudyConfig, runs: dict[str, dict[str, Any]], ref_stats, reps: int = 200) -> dict[str, Any]:
     """Intervals per variant and paired differences; `ref_stats` = (mu, sigma) of the judge's reference."""
-    from threadpoolctl import threadpool_limits
-
     fd = FDToReference(*ref_stats)
     by_variant: dict[str, list[dict[str, np.ndarray]]] = {}
     seeds: dict[str, list[int]] = {}
@@ -193,8 +193,6 @@ def write_study_report(
     cfg: StudyConfig, root: Path, runs: dict[str, dict[str, Any]], judge: dict[str, Any]
 ) -> dict[str, Any]:
     """study.md / .csv / .json and the two plots in ROOT from the finished runs; returns the json content."""
-    from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
-
     if not runs:
         raise ValueError(f"{root}: no run of the study has finished yet")
     with np.load(root / "reference.npz") as z:
