@@ -43,7 +43,7 @@ CONCEPTS = {
     ),
     "data path": (
         "--data-path",
-        {"train-vae", "cache-latents", "evaluate", "probe"},
+        {"train-vae", "cache-latents", "evaluate", "probe", "demo"},
         {"--data-root", "--data-dir", "--dataset-path", "--data-folder"},
     ),
     "seed": (
