@@ -6,6 +6,11 @@ Integrating dx/dt = v(x, t) from t = 1 (pure noise) to t = 0 gives data:
   * SDE: Euler-Maruyama over linspace(1, last_step, steps) with diffusion w(t) = 2t and drift
     v - w/2 * score, then one noiseless step from last_step to 0 (``steps`` model evaluations in all).
     For this interpolant eps = x_t + (1 - t) v, so score(x_t) = -E[eps | x_t] / t = -(x_t + (1 - t) v) / t.
+  * Time shift: a SiT trained with the dimension-dependent shift t' = alpha t / (1 + (alpha - 1) t)
+    (`diffusion.transport`) is sampled on the grid warped by the same map, as RAE's samplers do: the ODE
+    grid is shift(linspace(1, 0)), the SDE's noisy grid shift(linspace(1, last_step)) (its last noisy time
+    becomes shift(last_step)), then the step to 0. alpha is the SiT's recorded `time_shift` unless the
+    sampler's `time_shift` overrides it; 1 leaves the grids as above.
 Classifier-free guidance acts on all latent channels (DiT/SiT guide only the first 3: a bug not repeated
 here), only for t inside [guidance_low, guidance_high]. As in REPA's samplers.py, a step's start time
 decides for the whole step: Heun's corrector, evaluated at the step's end, is guided when the step
@@ -20,6 +25,7 @@ the same whatever the batch size, the batch it lands in or the process that make
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,7 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..config import option
+from ..config import option, positive
+from .transport import shift_time
 
 if TYPE_CHECKING:
     from ..models.sit import SiT
@@ -50,6 +57,11 @@ class SamplerConfig:
     guidance_high: float = option(1.0, "guidance only for t <= this", min=0, max=1)
     last_step: float = option(0.04, "SDE: the last noisy time; one noiseless step follows to 0")
     precision: str = option("fp32", "model compute: fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    time_shift: float | None = option(
+        None,
+        "warp the time grid by the time shift alpha (1 = none; default: the one the SiT was trained with)",
+        check=positive,
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("ode", "sde") or self.method not in ("euler", "heun"):
@@ -62,13 +74,27 @@ class SamplerConfig:
             raise ValueError(f"last_step must be in (0, 1), got {self.last_step}")
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance interval [{self.guidance_low}, {self.guidance_high}] is empty")
+        if self.time_shift is not None and not (math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise ValueError(f"time_shift must be a number > 0, got {self.time_shift}")
 
     def tag(self) -> str:
         """Short description for file names, e.g. '250sde_euler_cfg2.5_0.0-0.75'."""
+        shift = "" if self.time_shift is None else f"_shift{self.time_shift:g}"
         return (
             f"{self.steps}{self.mode}_{self.method if self.mode == 'ode' else 'em'}_cfg{self.cfg_scale:g}_"
-            f"{self.guidance_low:g}-{self.guidance_high:g}"
+            f"{self.guidance_low:g}-{self.guidance_high:g}{shift}"
         )
+
+    def shift_for(self, model: object) -> float:
+        """The time shift alpha to sample `model` with: this config's, else the one its config records."""
+        if self.time_shift is not None:
+            return self.time_shift
+        return trained_shift(model)
+
+
+def trained_shift(model: object) -> float:
+    """alpha of the time shift a SiT (or anything with a SiTConfig `config`) was trained with; 1 if none."""
+    return float(getattr(getattr(model, "config", None), "time_shift", 1.0))
 
 
 def guided_velocity(
@@ -155,14 +181,17 @@ def _velocity_fn(model: Callable[..., torch.Tensor], y: torch.Tensor, null_class
     return velocity
 
 
-def ode_solve(velocity, x: torch.Tensor, steps: int, method: str = "euler") -> torch.Tensor:
-    """dx/dt = velocity(x, t[, guide_t]) from t = 1 to 0 on a uniform grid; Heun's last step is Euler.
+def ode_solve(
+    velocity, x: torch.Tensor, steps: int, method: str = "euler", shift: float = 1.0
+) -> torch.Tensor:
+    """dx/dt = velocity(x, t[, guide_t]) from t = 1 to 0 on a uniform grid warped by the time shift `shift`
+    (alpha; 1 = none); Heun's last step is Euler.
 
     Heun: d = v(x, t), x' = x + dt d, x <- x + dt (d + v(x', t_next)) / 2, both evaluations guided or not
     by where t (the step's start) lies, as REPA's euler_sampler(heun=True).
     """
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    ts = [torch.tensor(t, device=x.device, dtype=torch.float32) for t in ts]
+    grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
+    ts = [torch.tensor(t, device=x.device, dtype=torch.float32) for t in grid]
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         dt = t_next - t
@@ -176,11 +205,17 @@ def ode_solve(velocity, x: torch.Tensor, steps: int, method: str = "euler") -> t
 
 
 def sde_solve(
-    velocity, x: torch.Tensor, steps: int, noise: ImageNoise, last_step: float = 0.04
+    velocity,
+    x: torch.Tensor,
+    steps: int,
+    noise: ImageNoise,
+    last_step: float = 0.04,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Euler-Maruyama of dx = [v - w/2 score] dt + sqrt(w) dW backwards over linspace(1, last_step, steps),
-    w(t) = 2t, then the mean step from last_step to 0."""
-    grid = torch.linspace(1.0, last_step, steps, dtype=torch.float64).tolist() + [0.0]
+    """Euler-Maruyama of dx = [v - w/2 score] dt + sqrt(w) dW backwards over linspace(1, last_step, steps)
+    warped by the time shift `shift` (alpha; 1 = none), w(t) = 2t, then the mean step to 0."""
+    noisy = torch.linspace(1.0, last_step, steps, dtype=torch.float64)
+    grid = shift_time(noisy, shift).tolist() + [0.0]
     ts = [torch.tensor(t, device=x.device, dtype=torch.float32) for t in grid]
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
@@ -207,7 +242,8 @@ def sample(
     """Latents x_0 (B, C, H, W) fp32 for class `labels` (B,) on the model's device, image i from `seeds[i]`;
     the model runs in eval mode (`eval_mode`).
 
-    `null_class` and `latent_shape` default to the SiT's config (num_classes, (in_channels, H, W)).
+    `null_class` and `latent_shape` default to the SiT's config (num_classes, (in_channels, H, W)); the
+    time shift to the SiT's recorded one unless `config.time_shift` is set.
     """
     cfg = config or SamplerConfig()
     if len(seeds) != labels.shape[0]:
@@ -220,10 +256,11 @@ def sample(
     noise = ImageNoise(seeds, latent_shape, labels.device)
     x = noise.initial()
     velocity = _velocity_fn(model, labels, null_class, cfg)
+    shift = cfg.shift_for(model)
     with eval_mode(model):
         if cfg.mode == "ode":
-            return ode_solve(velocity, x, cfg.steps, cfg.method)
-        return sde_solve(velocity, x, cfg.steps, noise, cfg.last_step)
+            return ode_solve(velocity, x, cfg.steps, cfg.method, shift)
+        return sde_solve(velocity, x, cfg.steps, noise, cfg.last_step, shift)
 
 
 @torch.no_grad()
@@ -236,10 +273,17 @@ def euler_sample(
     cfg_scale: float = 1.0,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
+    time_shift: float | None = None,
 ) -> torch.Tensor:
-    """Euler ODE from the given noise at t = 1 to 0 in ``steps`` uniform steps; x_0 (B, C, H, W) fp32."""
+    """Euler ODE from the given noise at t = 1 to 0 in ``steps`` steps, on the grid warped by `time_shift`
+    (default: the SiT's recorded one); x_0 (B, C, H, W) fp32."""
     cfg = SamplerConfig(
-        steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_low=guidance_low,
+        guidance_high=guidance_high,
+        time_shift=time_shift,
     )
+    velocity = _velocity_fn(model, y, null_class, cfg)
     with eval_mode(model):
-        return ode_solve(_velocity_fn(model, y, null_class, cfg), noise.float(), steps, "euler")
+        return ode_solve(velocity, noise.float(), steps, "euler", cfg.shift_for(model))

@@ -95,6 +95,13 @@ class SiTConfig:
             "(Ma et al.'s SiT: t = 0 noise, v = x - eps); forward() takes and returns repa's either way"
         },
     )
+    time_shift: float = field(
+        default=1.0,
+        metadata={
+            "help": "the dimension-dependent time shift alpha the SiT was trained with (1 = none); the "
+            "samplers warp their time grid by it (diffusion.transport.shift_time)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.z_dims = tuple(int(z) for z in self.z_dims)
@@ -113,6 +120,8 @@ class SiTConfig:
             problems.append(f"qk_norm_type must be one of {QK_NORMS}, got {self.qk_norm_type!r}")
         if self.time_convention not in TIME_CONVENTIONS:
             problems.append(f"time_convention must be in {TIME_CONVENTIONS}, got {self.time_convention!r}")
+        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
+            problems.append(f"time_shift must be a number > 0, got {self.time_shift}")
         if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             problems.append(f"encoder_depth must be in 1..depth={self.depth}, got {self.encoder_depth}")
         if problems:
@@ -133,6 +142,7 @@ class SiTConfig:
     def describe(self) -> str:
         extra = f", REPA z_dims={list(self.z_dims)} at block {self.encoder_depth}" if self.z_dims else ""
         extra += ", SiT time (t = 0 noise)" if self.time_convention == "sit" else ""
+        extra += f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
         return (
             f"SiT depth={self.depth} width={self.hidden_size} heads={self.num_heads} patch={self.patch_size} "
             f"on {self.in_channels}x{self.input_size}x{self.input_size}, {self.num_classes} classes{extra}"

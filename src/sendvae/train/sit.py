@@ -63,6 +63,7 @@ def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT
         "qk_norm": m.qk_norm,
         "projector_dim": m.projector_dim,
         "z_dims": (z_dim,) if z_dim else (),
+        "time_shift": cfg.transport.shift_alpha(store.latent_shape),  # recorded: the samplers warp by it
     }
     size = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
     size["encoder_depth"] = m.encoder_depth
@@ -235,7 +236,7 @@ class SiTTrainer(TrainerBase):
         b = cfg.optim.batch_size
         g = torch.Generator(device=dev).manual_seed(cfg.run.seed * 1_000_003 + self.step)
         noise = {
-            "t": sample_t(b, cfg.transport, dev, g),  # (B,)
+            "t": sample_t(b, cfg.transport, dev, g, shift=self.model_cfg.time_shift),  # (B,), shifted
             "eps": torch.randn((b, *shape), generator=g, device=dev),  # flow-matching noise
             "z_eps": torch.randn((b, *shape), generator=g, device=dev),  # z = mean + std * z_eps
             "flip": torch.randint(0, 2, (b,), generator=g, device=dev),
