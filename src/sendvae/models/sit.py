@@ -5,6 +5,8 @@
     `depth` blocks: x + gate * Attn(modulate(LN(x))), x + gate * MLP(modulate(LN(x))), all from c
       after block `encoder_depth`: REPA projectors D -> 2048 -> 2048 -> z_dim (SiLU)      [(B, N, z)]
     FinalLayer: modulate(LN(x)) -> Linear D -> p*p*C_out -> unpatchify                     (B, C, H, W)
+    [head_depth > 0: RAE's wide head (`sit_blocks.WideHead`) of width W between the blocks and the
+     FinalLayer, which then reads W-wide tokens with a per-token condition from the backbone]
 
 DiT (Peebles & Xie 2023) / SiT (Ma et al. 2024) architecture; REPA (Yu et al. 2025) adds the
 projectors. Module names are the public REPA / REPA-E layout (`x_embedder.proj`, `t_embedder.mlp.0`,
@@ -32,19 +34,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sendvae.config import from_dict
-from sendvae.models.layers import (
-    Attention,
-    NormLayer,
-    build_projector,
-    init_vit_weights,
-    mlp,
-    sincos_pos_embed_2d,
+from sendvae.models.layers import build_projector, init_vit_weights, sincos_pos_embed_2d
+from sendvae.models.sit_blocks import (
+    FREQ_DIM,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    SiTBlock,
+    TimestepEmbedder,
+    WideHead,
 )
 from sendvae.runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 QK_NORMS = ("layer", "rms")
 TIME_CONVENTIONS = ("repa", "sit")
 
@@ -103,6 +106,12 @@ class SiTConfig:
         },
     )
 
+    head_depth: int = field(
+        default=0, metadata={"help": "DiT^DH (RAE): blocks of the wide head after the backbone; 0 = none"}
+    )
+    head_width: int = field(default=2048, metadata={"help": "DiT^DH: width of the head (RAE's XL: 2048)"})
+    head_num_heads: int = field(default=16, metadata={"help": "DiT^DH: attention heads of the head"})
+
     def __post_init__(self) -> None:
         self.z_dims = tuple(int(z) for z in self.z_dims)
         problems = []
@@ -122,6 +131,19 @@ class SiTConfig:
             problems.append(f"time_convention must be in {TIME_CONVENTIONS}, got {self.time_convention!r}")
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
             problems.append(f"time_shift must be a number > 0, got {self.time_shift}")
+        if self.head_depth < 0:
+            problems.append(f"head_depth must be >= 0, got {self.head_depth}")
+        if self.head_depth and (self.head_width < 1 or self.head_width % self.head_num_heads):
+            problems.append(
+                f"head_width {self.head_width} must be a multiple of head_num_heads {self.head_num_heads}"
+            )
+        token = self.in_channels * self.patch_size**2
+        if self.hidden_size < token and not (self.head_depth and self.head_width >= token):
+            problems.append(
+                f"hidden_size {self.hidden_size} is narrower than a token of in_channels x patch_size^2 = "
+                f"{token} values (RAE: the width must be at least the token dimension); use a wider model "
+                f"(hidden_size >= {token}) or a wide head (head_depth >= 1, head_width >= {token})"
+            )
         if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             problems.append(f"encoder_depth must be in 1..depth={self.depth}, got {self.encoder_depth}")
         if problems:
@@ -143,6 +165,7 @@ class SiTConfig:
         extra = f", REPA z_dims={list(self.z_dims)} at block {self.encoder_depth}" if self.z_dims else ""
         extra += ", SiT time (t = 0 noise)" if self.time_convention == "sit" else ""
         extra += f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        extra += f", head {self.head_depth} x {self.head_width}" if self.head_depth else ""
         return (
             f"SiT depth={self.depth} width={self.hidden_size} heads={self.num_heads} patch={self.patch_size} "
             f"on {self.in_channels}x{self.input_size}x{self.input_size}, {self.num_classes} classes{extra}"
@@ -198,109 +221,18 @@ def flops_per_image(config: SiTConfig, training: bool = False) -> float:
     block += 2 * n * n * d  # q k^T and attn @ v
     block += 6 * d * d  # adaLN modulation (per image)
     macs += config.depth * block
-    macs += 2 * d * d + n * d * p * p * config.out_channels  # final adaLN + linear
+    if config.head_depth:  # RAE's wide head: patch embedding, condition, blocks and final adaLN per token
+        w, wm = config.head_width, int(config.head_width * config.mlp_ratio)
+        macs += n * (config.in_channels * p * p * w + d * w)
+        macs += config.head_depth * (n * (4 * w * w + 2 * w * wm + 6 * w * w) + 2 * n * n * w)
+        macs += n * 2 * w * w + n * w * p * p * config.out_channels
+    else:
+        macs += 2 * d * d + n * d * p * p * config.out_channels  # final adaLN + linear
     if training:
         pd = config.projector_dim
         macs += sum(n * (d * pd + pd * pd + pd * z) for z in config.z_dims)
         return 3 * 2.0 * macs
     return 2.0 * macs
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x (B, N, D) * (1 + scale) + shift, with scale / shift (B, D) per sample."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class PatchEmbed(nn.Module):
-    """Conv p x p, stride p: (B, C, H, W) -> (B, N, D), tokens in row-major order."""
-
-    def __init__(self, in_channels: int, hidden: int, patch: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden, patch, stride=patch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimestepEmbedder(nn.Module):
-    """t (B,) -> [cos(t w_k), sin(t w_k)] with w_k = 10000^(-k / 128), k < 128 -> MLP (SiLU) -> (B, D).
-
-    t is used as given (in [0, 1] for the flow-matching SiT; no x1000 rescaling, as in REPA).
-    """
-
-    freqs: torch.Tensor  # buffer (128,)
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.mlp = mlp((FREQ_DIM, hidden, hidden), nn.SiLU)
-        half = FREQ_DIM // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t.float()[:, None] * self.freqs[None]  # (B, 128), fp32
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels -> (B, D); row `num_classes` is the null class used for classifier-free guidance."""
-
-    def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
-        super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
-
-    def forward(self, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if force_drop_ids is not None:
-            if self.dropout_prob == 0:
-                raise ValueError("force_drop_ids needs a null class: the model has class_dropout_prob = 0")
-            y = torch.where(force_drop_ids.bool(), self.num_classes, y)
-        elif self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob  # (B,), stays on device
-            y = torch.where(drop, self.num_classes, y)
-        return self.embedding_table(y)
-
-
-def qk_norm_layer(cfg: SiTConfig) -> NormLayer | None:
-    """The per-head q/k normalisation of `cfg`: timm's Attention(qk_norm=True) LayerNorm (eps 1e-5), or
-    RMSNorm (eps 1e-6); None without qk_norm."""
-    if not cfg.qk_norm:
-        return None
-    return nn.LayerNorm if cfg.qk_norm_type == "layer" else partial(nn.RMSNorm, eps=1e-6)
-
-
-class SiTBlock(nn.Module):
-    """adaLN-Zero block: c -> (shift, scale, gate) x 2; zero-init gates make it start as the identity."""
-
-    def __init__(self, cfg: SiTConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, cfg.num_heads, qk_norm_layer(cfg), fused=cfg.fused_attn)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        gelu = partial(nn.GELU, approximate="tanh")
-        self.mlp = mlp((d, int(d * cfg.mlp_ratio), d), gelu, timm_names=True)  # mlp.fc1, mlp.fc2
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(
-            6, dim=-1
-        )  # (B, D) each
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, cfg: SiTConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
 class SiT(nn.Module):
@@ -320,7 +252,8 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid)[None], persistent=False)  # (1, N, D)
         self.blocks = nn.ModuleList(SiTBlock(cfg) for _ in range(cfg.depth))
         self.projectors = nn.ModuleList(build_projector(d, cfg.projector_dim, z) for z in cfg.z_dims)
-        self.final_layer = FinalLayer(cfg)
+        self.head = WideHead(cfg) if cfg.head_depth else None
+        self.final_layer = FinalLayer(cfg, cfg.head_width if cfg.head_depth else None)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -330,7 +263,13 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[0]).weight, std=0.02)
         nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[2]).weight, std=0.02)
-        for layer in [cast(SiTBlock, b).adaLN_modulation[-1] for b in self.blocks] + [
+        blocks = list(self.blocks)
+        if self.head is not None:  # its patch convolution as a linear map, as the backbone's (RAE's too)
+            w = self.head.x_embedder.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(cast(torch.Tensor, self.head.x_embedder.proj.bias))
+            blocks += list(self.head.blocks)
+        for layer in [cast(SiTBlock, b).adaLN_modulation[-1] for b in blocks] + [
             self.final_layer.adaLN_modulation[-1],
             self.final_layer.linear,
         ]:
@@ -347,8 +286,9 @@ class SiT(nn.Module):
 
     def _embed(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens h (B, N, D) and the conditioning c = t_emb + y_emb (B, D)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens h (B, N, D), the timestep embedding t_emb and the label embedding y_emb (B, D); the
+        blocks' conditioning is c = t_emb + y_emb."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2:] != (cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -359,7 +299,7 @@ class SiT(nn.Module):
         if cfg.time_convention == "sit":
             t = 1 - t  # the weights' own time: s = 1 - t
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        return h, self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        return h, self.t_embedder(t), self.y_embedder(y, force_drop_ids)
 
     def _block(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -381,12 +321,18 @@ class SiT(nn.Module):
         `force_drop_ids` (B,) marks labels to replace by the null class (classifier-free guidance).
         """
         cfg = self.config
-        h, c = self._embed(x, t, y, force_drop_ids)
+        h, t_emb, y_emb = self._embed(x, t, y, force_drop_ids)
+        c = t_emb + y_emb  # (B, D)
         features: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             h = self._block(block, h, c)
             if return_features and i + 1 == cfg.encoder_depth:
                 features = [proj(h) for proj in self.projectors]  # [(B, N, z_dim)]
+        if self.head is not None:  # RAE's DiT^DH: x_t embedded anew, conditioned per token on h
+            c = self.head.condition(h, t_emb)  # (B, N, W)
+            h = self.head.x_embedder(x)  # (B, N, W)
+            for block in self.head.blocks:
+                h = self._block(block, h, c)
         out = self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
         if cfg.learn_sigma:
             out = out[:, : cfg.in_channels]  # the velocity half; the variance half is unused by flow matching
@@ -398,7 +344,8 @@ class SiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """REPA tokens only: runs blocks 1..encoder_depth and the projectors (REPA-E's VAE alignment)."""
-        h, c = self._embed(x, t, y, force_drop_ids)
+        h, t_emb, y_emb = self._embed(x, t, y, force_drop_ids)
+        c = t_emb + y_emb
         for block in self.blocks[: self.config.encoder_depth]:
             h = self._block(block, h, c)
         return [proj(h) for proj in self.projectors]

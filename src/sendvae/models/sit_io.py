@@ -90,7 +90,8 @@ def infer_sit_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = 
     """Read a SiTConfig off REPA-layout tensor shapes, completed by the checkpoint's training `args`.
 
     From the shapes: width, depth, patch, channels, input size (from `pos_embed`), classes, learn_sigma,
-    qk-norm, projector widths. Not in the shapes: the head count (from `args.model` such as "SiT-XL/2",
+    qk-norm, projector widths, the wide head's depth and width (its heads: from its qk-norm, else 16).
+    Not in the shapes: the head count (from `args.model` such as "SiT-XL/2",
     else the registry width -> heads table, else 64-wide heads), `encoder_depth` (`args.encoder_depth`,
     else the registry's 4 / 8), the label dropout (a null row is assumed: classes = rows - 1) and the
     time convention (`infer_time_convention`).
@@ -124,6 +125,10 @@ def infer_sit_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = 
     else:  # 64-wide heads, or the nearest count that divides the width
         heads = next(h for h in range(max(1, hidden // 64), 0, -1) if hidden % h == 0)
     dropout = float(args.get("cfg_prob", 0.1)) or 0.1  # the table has a null row, so dropout was > 0
+    head_depth = len({k.split(".")[2] for k in sd if k.startswith("head.blocks.")})  # our DiT^DH head
+    head_width = sd["head.x_embedder.proj.weight"].shape[0] if head_depth else 2048
+    head_q = sd.get("head.blocks.0.attn.q_norm.weight")
+    head_heads = head_width // head_q.shape[0] if head_q is not None else (16 if head_width % 16 == 0 else 1)
     return SiTConfig(
         input_size=grid * patch,
         patch_size=patch,
@@ -141,6 +146,9 @@ def infer_sit_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | None = 
         z_dims=z_dims,
         fused_attn=bool(args.get("fused_attn", True)),
         time_convention=infer_time_convention(sd, args),
+        head_depth=head_depth,
+        head_width=head_width,
+        head_num_heads=head_heads,
     )
 
 
@@ -152,6 +160,7 @@ def _resolve(config: str | None, inferred: SiTConfig) -> SiTConfig:
         raise ValueError(f"unknown SiT model {config!r}; choices: {sorted(SIT_MODELS)}")
     keep: tuple[str, ...] = ("input_size", "in_channels", "num_classes", "learn_sigma", "qk_norm")
     keep += ("qk_norm_type", "projector_dim", "z_dims", "class_dropout_prob", "time_convention")
+    keep += ("head_depth", "head_width", "head_num_heads")
     return SIT_MODELS[config](**{k: getattr(inferred, k) for k in keep})
 
 

@@ -64,9 +64,20 @@ def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT
         "projector_dim": m.projector_dim,
         "z_dims": (z_dim,) if z_dim else (),
         "time_shift": cfg.transport.shift_alpha(store.latent_shape),  # recorded: the samplers warp by it
+        "head_depth": m.head_depth,
+        "head_width": m.head_width,
+        "head_num_heads": m.head_num_heads,
     }
     size = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
     size["encoder_depth"] = m.encoder_depth
+    preset = sit_config(m.model)
+    width, token = size.get("hidden_size", preset.hidden_size), c * preset.patch_size**2
+    if width < token and not (m.head_depth and m.head_width >= token):  # RAE: width >= token dimension
+        raise ValueError(
+            f"--model {m.model} is {width} wide, narrower than the store's tokens ({c} channels x patch "
+            f"{preset.patch_size}^2 = {token} values): use a wider model (--model.hidden_size >= {token}) or "
+            f"a wide head (--model.head_depth 2 --model.head_width >= {token})"
+        )
     try:
         mcfg = sized_sit_config(m.model, size, **kw)
     except ValueError as e:

@@ -40,6 +40,14 @@ class SiTModelConfig:
     hidden_size: int | None = option(None, "override the preset's width", min=1)
     num_heads: int | None = option(None, "override the preset's number of heads", min=1)
     encoder_depth: int = option(8, "REPA: the projector reads the tokens after this block (1..depth)", min=1)
+    head_depth: int = option(
+        0,
+        "DiT^DH (RAE): blocks of a wide head after the backbone, reading x_t conditioned per token on the "
+        "backbone's output (0 = none; RAE uses 2)",
+        min=0,
+    )
+    head_width: int = option(2048, "DiT^DH: width of the head (RAE's XL: 2048)", min=1)
+    head_num_heads: int = option(16, "DiT^DH: attention heads of the head", min=1)
     projector_dim: int = option(2048, "REPA: projector MLP width", min=1)
     qk_norm: bool = option(False, "normalise queries and keys per head")
     class_dropout: float = option(
