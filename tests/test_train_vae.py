@@ -85,6 +85,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_args):
             assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
 
 
+def test_kill_before_the_first_checkpoint_leaves_each_step_once_in_the_stats(tmp_path, tiny_args):
+    """No checkpoint yet: the rerun starts over, and so do its stats rows (no step logged twice)."""
+    part = tiny_args(tmp_path, exp="part", steps=4, **{"run.ckpt_every": 0})
+    r = _cli(["train-vae", *part, "--run.fault_exit_step", "3"])
+    assert r.returncode == 3, r.stderr
+    assert [row["step"] for row in read_stats(tmp_path / "part" / "stats.jsonl")] == [1, 2, 3]
+    assert main(["train-vae", *part]) == 0
+    assert [row["step"] for row in read_stats(tmp_path / "part" / "stats.jsonl")] == [1, 2, 3, 4]
+
+
 def test_nan_step_is_skipped_and_counted(tmp_path, tiny_args):
     args = tiny_args(tmp_path, steps=4, **{"run.fault_nan_steps": "1"})
     assert main(["train-vae", *args]) == 0

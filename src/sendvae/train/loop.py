@@ -225,6 +225,8 @@ class TrainerBase:
                     f"no checkpoint in {self.run_dir / ckpt.CKPT_DIR} can be read; move them away to "
                     "start the run anew, or use another --exp-name"
                 )
+            if self.dist.is_main:  # a run killed before its first checkpoint starts over: so do its rows
+                self.log.truncate_stats(0)
             return
         path, st = found
         with malformed(path, "training state"):  # a crafted or foreign file: one line naming it
