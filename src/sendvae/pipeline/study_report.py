@@ -83,8 +83,8 @@ def analyse(cfg: StudyConfig, runs: dict[str, dict[str, Any]], ref_stats, reps: 
             if base not in by_variant:
                 continue
             for v in variants:
-                if v == base or seeds[v] != seeds[base]:
-                    continue  # paired only over the same seeds
+                if v == base or seeds[v] != seeds[base] or f"{base} - {v}:{PAIRED[0]}" in out["paired"]:
+                    continue  # paired only over the same seeds; each pair once
                 for key in PAIRED:
                     mine, theirs = [a[key] for a in by_variant[v]], [a[key] for a in by_variant[base]]
                     iv = bootstrap(mine, _stat(key, fd), other=theirs, reps=reps)
