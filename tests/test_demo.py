@@ -129,6 +129,14 @@ def test_report_page_inlines_every_figure_and_refuses_a_missing_one(tmp_path):
     assert html.count("data:image/png;base64,") == 1 and "&lt;b&gt;not html&lt;/b&gt;" in html
     assert "<code>code</code>" in html and html.count("class='num'") == 2
     assert "](figures/grid.png)" in (tmp_path / "r.md").read_text()
+    # a path with markup stays text in the Markdown too (as in the HTML), and a cell's | does not split it
+    page = Page("t")
+    page.text("written to runs/<b>x</b> and `sendvae demo --output-dir runs/<b>x</b>`")
+    page.table(["k", "v"], [["a|b", "1"]])
+    page.write(tmp_path / "s.html", tmp_path / "s.md")
+    md = (tmp_path / "s.md").read_text()
+    assert "runs/&lt;b&gt;x&lt;/b&gt; and `sendvae demo --output-dir runs/<b>x</b>`" in md
+    assert "| a\\|b | 1 |" in md
     with pytest.raises(FileNotFoundError, match="was not written"):
         page.figure(tmp_path / "missing.png", "x", "y")
 

@@ -60,7 +60,7 @@ def write_report(
     d = cfg.data
     page = Page(f"sendvae demo ({cfg.scale} scale)")
     if note:
-        page.text(f"**{note}.**", note=True)
+        page.text(f"{note}.", note=True)
     total = sum(r["seconds"] for r in rec.values())
     g, r = ev["samples"][guided], ev["recon"]
     page.text(

@@ -50,6 +50,15 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _md(text: str, cell: bool = False) -> str:
+    """The same text for Markdown: outside `code` spans, HTML's special characters as entities (a path
+    like runs/<b>x</b> stays text, as the HTML page shows it); in a table cell also `|` escaped."""
+    parts = text.split("`")
+    out = [p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts)]
+    joined = "`".join(out)
+    return joined.replace("|", "\\|") if cell else joined
+
+
 class Page:
     """Blocks of a report, rendered to HTML and Markdown."""
 
@@ -111,20 +120,20 @@ class Page:
         out = [f"# {self.title}", ""]
         for kind, args in self.blocks:
             if kind == "h2":
-                out += [f"## {args[0]}", ""]
+                out += [f"## {_md(args[0])}", ""]
             elif kind == "p":
-                out += [f"_{args[0]}_" if args[1] else args[0], ""]
+                out += [f"_{_md(args[0])}_" if args[1] else _md(args[0]), ""]
             elif kind == "fig":
                 path, caption, made_by = args
                 rel = Path(os.path.relpath(path, base)).as_posix()
-                out += [f"![{caption}]({rel})", "", f"**{caption}** Made by: {made_by}", ""]
+                out += [f"![{_md(caption)}]({rel})", "", f"**{_md(caption)}** Made by: {_md(made_by)}", ""]
             else:
                 header, rows, caption = args
                 if caption:
-                    out += [f"**{caption}**", ""]
-                out.append("| " + " | ".join(header) + " |")
+                    out += [f"**{_md(caption)}**", ""]
+                out.append("| " + " | ".join(_md(h, cell=True) for h in header) + " |")
                 out.append("|" + "---|" * len(header))
-                out += ["| " + " | ".join(r) + " |" for r in rows]
+                out += ["| " + " | ".join(_md(c, cell=True) for c in r) + " |" for r in rows]
                 out.append("")
         return "\n".join(out)
 
