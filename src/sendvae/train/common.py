@@ -22,6 +22,26 @@ def _step_and_micro(value: tuple[int, ...]) -> str | None:
     return None if len(value) in (0, 2) else "must be two numbers STEP,MICRO (or empty)"
 
 
+def batch_size_option(default: int):
+    """The trainers' --optim.batch_size: the global batch of one optimizer step."""
+    return option(
+        default,
+        "global batch size per optimizer step (split across ranks, then into grad_accum micro-batches)",
+        min=1,
+    )
+
+
+def grad_accum_option():
+    """The trainers' --optim.grad_accum (one meaning in train-vae and train-sit)."""
+    return option(
+        1,
+        "gradient accumulation: each process runs its share of --optim.batch_size as this many "
+        "micro-batches of batch_size / (processes x grad_accum), one optimizer step after the last "
+        "(the memory of one micro-batch; the update of the whole batch)",
+        min=1,
+    )
+
+
 @dataclass
 class RunConfig:
     output_dir: str = option("runs", "folder that holds the run folders", check=nonempty)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..config import PresetRegistry, option, positive, unit_interval
 from ..diffusion.transport import TransportConfig
 from ..models.sit import SIT_MODELS
-from .common import RunConfig
+from .common import RunConfig, batch_size_option, grad_accum_option
 
 
 @dataclass
@@ -66,18 +66,8 @@ class SiTModelConfig:
 
 @dataclass
 class SiTOptimConfig:
-    batch_size: int = option(
-        256,
-        "global batch size per optimizer step (split across ranks, then into grad_accum micro-batches)",
-        min=1,
-    )
-    grad_accum: int = option(
-        1,
-        "gradient accumulation: each process runs its share of --optim.batch_size as this many "
-        "micro-batches of batch_size / (processes x grad_accum), one optimizer step after the last "
-        "(the memory of one micro-batch; the update of the whole batch)",
-        min=1,
-    )
+    batch_size: int = batch_size_option(256)
+    grad_accum: int = grad_accum_option()
     lr: float = option(1e-4, "AdamW learning rate", check=positive)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)

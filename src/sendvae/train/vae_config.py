@@ -27,7 +27,7 @@ from ..config import PresetRegistry, option, positive, unit_interval
 from ..data.config import DataConfig
 from ..models.mapper import MapperConfig
 from .alignment import ALIGNMENTS, alignment_help
-from .common import RunConfig
+from .common import RunConfig, batch_size_option, grad_accum_option
 from .repae import JointSiTConfig
 
 
@@ -108,18 +108,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = option(
-        1024,
-        "global batch size per optimizer step (split across ranks, then into grad_accum micro-batches)",
-        min=1,
-    )
-    grad_accum: int = option(
-        1,
-        "gradient accumulation: each process runs its share of --optim.batch_size as this many "
-        "micro-batches of batch_size / (processes x grad_accum), one optimizer step after the last "
-        "(the memory of one micro-batch; the update of the whole batch)",
-        min=1,
-    )
+    batch_size: int = batch_size_option(1024)
+    grad_accum: int = grad_accum_option()
     lr: float = option(3e-4, "AdamW learning rate for the VAE and mapper", check=positive)
     disc_lr: float | None = option(None, "discriminator learning rate (default: lr)", check=positive)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", check=unit_interval)
