@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from sendvae.losses.align import cosine_alignment_loss, vf_loss
+from sendvae.align.vf import vf_loss
+from sendvae.losses.cosine import cosine_alignment_loss
 
 
 def _cos64(a: list[float], b: list[float]) -> float:

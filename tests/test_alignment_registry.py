@@ -1,4 +1,4 @@
-"""The alignment registry (train/alignment.py): each variant builds, trains, logs and exports what its entry
+"""The alignment registry (align/): each variant builds, trains, logs and exports what its entry
 declares, ``--loss.align`` offers exactly the registry, and no code outside it branches on the variant."""
 
 from __future__ import annotations
@@ -13,20 +13,21 @@ import pytest
 import torch
 
 import sendvae
+from sendvae.align import ALIGNMENTS, CLEAN_LATENT, NOISY_LATENT, AlignInputs, Alignment, load_exported_head
+from sendvae.align.names import VARIANTS, VariantInfo
+from sendvae.align.vf import vf_loss
 from sendvae.cli import main
 from sendvae.config import from_dict
-from sendvae.losses.align import cosine_alignment_loss, vf_loss
-from sendvae.losses.vae_loss import AlignInputs
+from sendvae.losses.cosine import cosine_alignment_loss
 from sendvae.runtime import checkpoint as ckpt
 from sendvae.runtime.log import read_stats
-from sendvae.train.alignment import ALIGNMENTS, CLEAN_LATENT, NOISY_LATENT, Alignment, load_exported_head
 from sendvae.train.vae_config import LossConfig, TrainVAEConfig
 
 from .conftest import tiny_train_args
 
 NAMES = list(ALIGNMENTS)
 PACKAGE = Path(sendvae.__file__).parent
-REGISTRY = PACKAGE / "train" / "alignment.py"
+ALIGN = PACKAGE / "align"  # the variants' own package
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def _batch(tr, n: int = 4) -> torch.Tensor:
 def test_loss_align_choices_are_the_registry(tmp_path, capsys):
     field = next(f for f in dataclasses.fields(LossConfig) if f.name == "align")
     assert (
-        field.metadata["choices"] == tuple(ALIGNMENTS) == ("sendvae", "repa", "vf", "reals", "repae", "none")
+        field.metadata["choices"] == tuple(ALIGNMENTS) == ("none", "repa", "vf", "sendvae", "reals", "repae")
     )
     assert all(f"{a.name}: {a.help}" in field.metadata["help"] for a in ALIGNMENTS.values())
     assert main(["train-vae", *tiny_train_args(tmp_path), "--loss.align", "cosine", "--dry-run"]) == 2
@@ -194,10 +195,11 @@ def test_a_new_variant_is_one_registry_entry(tmp_path, monkeypatch):
     from sendvae.train.export import export_run
 
     sendvae_entry = ALIGNMENTS["sendvae"]
+    # its line in align/names.py, then its entry (in its own module) and its line in the registry
+    monkeypatch.setitem(VARIANTS, "toy-global", VariantInfo("toy-global", "patch + global cosine", 1.0, "-"))
     toy = dataclasses.replace(
         sendvae_entry,
         name="toy-global",
-        help="patch + global cosine",
         loss=_patch_and_global_cosine,
         logged=("align", "cos", "cos_global"),
         export=None,
@@ -255,8 +257,36 @@ def test_the_branch_finder_finds_branches():
 def test_no_module_outside_the_registry_branches_on_the_variant():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path == REGISTRY:
+        if ALIGN in path.parents:
             continue
         for line in _branches_on_the_variant(ast.parse(path.read_text(), str(path))):
             offenders.append(f"{path.relative_to(PACKAGE)}:{line}")
-    assert not offenders, f"ask the alignment entry (train/alignment.py) instead: {offenders}"
+    assert not offenders, f"ask the alignment entry (align/) instead: {offenders}"
+
+
+# Files where a variant's name appears as a string meaning something else, each with what it means there.
+OTHER_MEANINGS = {
+    "cli.py": "sendvae",  # the program's name
+    "commands/info.py": "sendvae",  # the package's version line
+    "runtime/log.py": "sendvae",  # the package's logger
+    "evaluation/judge.py": "sendvae",  # the cache folder ~/.cache/sendvae
+    "models/sit.py": "repa",  # the SiT time convention of the REPA code (t = 1 noise), not the variant
+    "models/sit_io.py": "repa",  # the same convention, inferred from a checkpoint
+}
+PRESETS_MODULE = "train/vae_config.py"  # the presets name their variant
+
+
+def test_variant_names_live_in_align_and_the_presets():
+    """Outside align/ and the presets a variant is never named in code: configs, the demo and the study read
+    align.names; the name is only in user-facing text (docstrings, help, messages), never a constant."""
+    names = {n for n in ALIGNMENTS if n != "none"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if ALIGN in path.parents or rel == PRESETS_MODULE:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in names and OTHER_MEANINGS.get(rel) != node.value:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not found, f"read the variant from align.names instead: {found}"

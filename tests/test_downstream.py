@@ -12,7 +12,9 @@ import torch
 from sklearn.metrics import jaccard_score
 
 from sendvae.analysis import downstream as dsm
-from sendvae.analysis.downstream_heads import (
+from sendvae.cli import main
+from sendvae.data.shapes import ShapesDataset
+from sendvae.evaluation.downstream_heads import (
     DownstreamHeads,
     SegDepthMeter,
     load_heads,
@@ -20,8 +22,6 @@ from sendvae.analysis.downstream_heads import (
     shapes_targets,
     train_heads,
 )
-from sendvae.cli import main
-from sendvae.data.shapes import ShapesDataset
 from sendvae.models.sit import SiT, SiTConfig
 
 from .conftest import tiny_train_args

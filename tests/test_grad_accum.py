@@ -223,13 +223,13 @@ def test_a_batch_that_does_not_split_is_one_line(tmp_path, capsys):
 def test_vae_steps_with_checkpointing_are_the_steps_without(tmp_path, monkeypatch, align):
     """--model.grad_checkpointing recomputes the VAE encoder / decoder blocks, the mapper's blocks and
     (repae) the SiT's in the backward pass; 2 steps with every draw, LPIPS and the GAN give the same state."""
-    import sendvae.models.mapper
+    import sendvae.align.mapper
+    import sendvae.align.repae
     import sendvae.models.sit
     import sendvae.models.vae
-    import sendvae.train.repae
 
     calls: dict[str, int] = {}
-    modules = (sendvae.models.vae, sendvae.models.mapper, sendvae.models.sit, sendvae.train.repae)
+    modules = (sendvae.models.vae, sendvae.align.mapper, sendvae.models.sit, sendvae.align.repae)
     for module in modules:
         name, real = module.__name__.rsplit(".", 1)[1], module.checkpoint
 

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"sendvae", "config_checks", "config", "runtime"},  # typed configs, I/O, processes: no torch models
     {"data", "models", "teachers", "losses", "metrics"},  # the components
     {"diffusion"},  # the flow-matching objective and the samplers, over the models and the latent store
-    {"train", "analysis", "evaluation"},  # the stage engines
+    {"train", "align", "analysis", "evaluation"},  # the stage engines (align: the variants of VAE training)
     {"pipeline", "bench"},  # the engines composed: demo and study, benchmarks
     {"commands"},  # one thin module per CLI command
     {"cli"},

@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sendvae.models.layers import Attention, build_projector, init_vit_weights, mlp, sincos_pos_embed_2d
-from sendvae.models.mapper import Block, Mapper, MapperConfig
+from sendvae.align.mapper import Mapper, MapperConfig
+from sendvae.models.layers import (
+    Attention,
+    Block,
+    build_projector,
+    init_vit_weights,
+    mlp,
+    sincos_pos_embed_2d,
+)
 from sendvae.models.sit import SiT, SiTBlock, SiTConfig
 
 # -- the previous, per-model implementations (the reference side) -------------------------------------------

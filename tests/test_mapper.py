@@ -9,16 +9,16 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from sendvae.losses.align import cosine_alignment_loss
-from sendvae.models.mapper import (
+from sendvae.align.mapper import (
     GridMismatchError,
     LatentNorm,
     Mapper,
     MapperConfig,
-    VFProjector,
     resolve_patch_size,
-    sincos_pos_embed_2d,
 )
+from sendvae.align.vf import VFProjector
+from sendvae.losses.cosine import cosine_alignment_loss
+from sendvae.models.layers import sincos_pos_embed_2d
 
 TINY = dict(hidden_dim=32, num_heads=2, projector_dim=16)
 

@@ -8,14 +8,12 @@ import pytest
 import torch
 
 import sendvae
+from sendvae.align import ALIGNMENTS, AlignInputs, load_exported_head
+from sendvae.align.mapper import MapperConfig
+from sendvae.align.reals import RealsHead, load_reals_head, reals_loss, split_reals_output
 from sendvae.cli import main
-from sendvae.losses.align import reals_loss
-from sendvae.losses.vae_loss import AlignInputs
-from sendvae.models.mapper import MapperConfig
-from sendvae.models.reals import RealsHead, load_reals_head, split_reals_output
 from sendvae.runtime import checkpoint as ckpt
 from sendvae.runtime.log import read_stats
-from sendvae.train.alignment import ALIGNMENTS, load_exported_head
 from sendvae.train.vae_config import PRESETS, LossConfig
 
 from .conftest import tiny_train_args

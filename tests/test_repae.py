@@ -1,4 +1,4 @@
-"""``--loss.align repae`` (train/repae.py): REPA-E's end-to-end step on the embedded data, on CPU.
+"""``--loss.align repae`` (align/repae.py): REPA-E's end-to-end step on the embedded data, on CPU.
 
 The VAE and the SiT both train, the two losses reach only their own model (checked on the gradients),
 kill / resume is bitwise, a NaN batch changes nothing, both exports load and sample, bad sizes are one line.
@@ -17,15 +17,14 @@ import pytest
 import torch
 
 import sendvae
+from sendvae.align import ALIGNMENTS, AlignInputs
+from sendvae.align.repae import JOINT_LOGGED, STATE_KEY
 from sendvae.cli import main
 from sendvae.data import to_float
 from sendvae.data.latent_store import vae_fingerprint
-from sendvae.losses.vae_loss import AlignInputs
 from sendvae.models.latent_stats import LatentStats
 from sendvae.runtime import checkpoint as ckpt
 from sendvae.runtime.log import read_stats
-from sendvae.train.alignment import ALIGNMENTS
-from sendvae.train.repae import JOINT_LOGGED, STATE_KEY
 
 from .conftest import tiny_train_args
 from .test_reliability import _assert_same_state, _tensors

@@ -161,8 +161,8 @@ def test_vae_record_malformed(vae_export, edit, says):
 
 
 def test_mapper_and_heads_records_without_a_key(tmp_path):
-    from sendvae.analysis.downstream_heads import load_heads
-    from sendvae.models.mapper import load_mapper
+    from sendvae.align.mapper import load_mapper
+    from sendvae.evaluation.downstream_heads import load_heads
 
     for name, load in (("mapper.json", load_mapper), ("heads.json", load_heads)):
         (tmp_path / name).write_text(json.dumps({"config": {}}))

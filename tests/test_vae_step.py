@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from sendvae.commands.train_vae import add_arguments, resolve_config
-from sendvae.losses.align import cosine_alignment_loss
+from sendvae.losses.cosine import cosine_alignment_loss
 from sendvae.runtime.distributed import DistInfo
 from sendvae.runtime.log import RunLogger
 from sendvae.train.vae import VAETrainer

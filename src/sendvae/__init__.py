@@ -35,7 +35,7 @@ __all__ = [
 _LAZY = {
     "load_vae": (".models.vae_io", "load_vae"),
     "load_teacher": (".teachers", "load_teacher"),
-    "load_mapper": (".models.mapper", "load_mapper"),
+    "load_mapper": (".align.mapper", "load_mapper"),
     "load_sit": (".models.sit_io", "load_sit"),
     "open_latents": (".data.latent_store", "LatentStore"),
     "cache_latents": (".data.caching", "cache_latents"),

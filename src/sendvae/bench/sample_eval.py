@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..diffusion.sampling import guided_velocity
-from ..models.sit import SiT, flops_per_image
-from ..train.sit import measured_matmul_tflops, sized_sit_config
+from ..models.sit import SiT, flops_per_image, sized_sit_config
+from ..runtime.hardware import measured_matmul_tflops
 from .timing import peak_gib, reset_peak, sync, time_fn
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ..diffusion.transport import TransportConfig, training_losses
-from ..models.sit import SiT, flops_per_image
+from ..models.sit import SiT, flops_per_image, sized_sit_config
+from ..runtime.hardware import measured_matmul_tflops
 from ..train.common import ema_update, fused_adamw, optimizer_step
-from ..train.sit import measured_matmul_tflops, sized_sit_config
 from .timing import peak_gib, reset_peak, sync, time_fn
 
 

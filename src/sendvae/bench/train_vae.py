@@ -34,7 +34,7 @@ def bench_train_vae(
     trainer's ``--optim.grad_accum``); the component split times one micro-batch."""
     import tempfile
 
-    from ..losses.align import cosine_alignment_loss
+    from ..losses.cosine import cosine_alignment_loss
     from ..train.vae import VAETrainer
     from ..train.vae_config import PRESETS
 

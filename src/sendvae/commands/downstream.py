@@ -12,7 +12,7 @@ for teacher features of real images, the alignment head's features of encoded re
 ``--sit`` (a train-sit run folder or SiT export trained on this VAE's latents), of generated latents
 (scored against the heads' reading of the decoded sample); writes OUTPUT_DIR/downstream.{md,json,png}.
 predict: masks and depth maps of encoded (or, with ``--sit``, generated) latents, OUTPUT_DIR/predictions.
-{npz,png}. The engine is `sendvae.analysis.downstream`; this module reads the options and calls it.
+{npz,png}. The engine is `sendvae.evaluation.downstream`; this module reads the options and calls it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..analysis.downstream_heads import HEAD_KINDS
 from ..config import device_arg, nonnegative_int, positive_float, positive_int
 from ..diffusion.sampling import SamplerConfig
+from ..evaluation.downstream_heads import HEAD_KINDS
 from .sample import add_sampler_arguments
 
 NAME = "downstream"
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import downstream as ds
+    from ..evaluation import downstream as ds
 
     n = args.num_images if args.num_images is not None else NUM_IMAGES[args.action]
     common = {"batch_size": args.batch_size, "seed": args.seed, "device": args.device}

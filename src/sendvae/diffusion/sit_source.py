@@ -69,7 +69,7 @@ def trained_stats(cfg: dict[str, Any]) -> LatentStats | None:
 
 
 def _joint_state(raw: Any) -> dict[str, Any] | None:
-    """The SiT part of a train-vae ``--loss.align repae`` state (train/repae.py: under ``"sit"``), or None."""
+    """The SiT part of a train-vae ``--loss.align repae`` state (align/repae.py: under ``"sit"``), or None."""
     part = raw.get("sit") if isinstance(raw, dict) else None
     return part if isinstance(part, dict) and "model_config" in part else None
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..config import option, positive
-from ..losses.align import mean_token_cosine
+from ..losses.cosine import mean_token_cosine
 
 # the t sampler lives with the networks (the mapper draws t too); re-exported here
 from ..models.timesteps import T_SAMPLERS, draw_t
@@ -145,7 +145,7 @@ def repa_loss(
 
     projected[k], teacher[k]: (B, N, D_k); one pair per teacher. Teacher tokens must already be on the
     model's token grid (resample them beforehand if the grids differ). The cosine is the alignment
-    loss's (`losses.align.mean_token_cosine`): fp32, autocast off, the frozen teacher side detached.
+    loss's (`losses.cosine.mean_token_cosine`): fp32, autocast off, the frozen teacher side detached.
     """
     projected = [projected] if torch.is_tensor(projected) else list(projected)
     teacher = [teacher] if torch.is_tensor(teacher) else list(teacher)

@@ -1,6 +1,7 @@
-"""Losses: alignment (cosine, VF), LPIPS, adversarial, and the composed VAE objective."""
+"""Losses: the token cosine, LPIPS, adversarial, and the composed VAE objective (the alignment variants' own
+losses are in align/)."""
 
-from .align import cosine_alignment_loss, vf_loss
+from .cosine import cosine_alignment_loss, mean_token_cosine
 from .gan import D_LOSSES, G_LOSSES, LeCamEMA, adaptive_gan_weight, d_hinge_loss, g_loss
 from .lpips import LPIPS, LPIPSWeightsError, build_lpips
 
@@ -15,5 +16,5 @@ __all__ = [
     "cosine_alignment_loss",
     "d_hinge_loss",
     "g_loss",
-    "vf_loss",
+    "mean_token_cosine",
 ]

@@ -8,42 +8,30 @@ Generator (VAE + mapper):
   active only from ``gan_start``.
 Discriminator: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (+ LeCam); non-saturating optional.
 All losses are reduced in fp32 even when the networks ran under bf16 autocast.
-L_align is the chosen alignment variant's (train/alignment.py): the objective calls its loss on
-`AlignInputs` and applies lambda_align (times the adaptive weight when the variant asks for it).
+L_align is the chosen alignment variant's (align/): the objective calls its ``compute`` on the head's
+tokens and the teacher's and applies lambda_align (times the adaptive weight when the variant asks for it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import LossAndLogs
+from .cosine import LossAndLogs
 from .gan import D_LOSSES, G_LOSSES, LeCamEMA, adaptive_gan_weight
 
 
-@dataclass(frozen=True)
-class AlignInputs:
-    """What an alignment variant's loss reads: its head's output and the frozen teacher's tokens."""
-
-    pred: torch.Tensor  # (B, N, D) the head's tokens
-    target: torch.Tensor  # (B, N, D) teacher patch tokens on the head's token grid (no gradient)
-
-    @property
-    def target_global(self) -> torch.Tensor:
-        """(B, D) the teacher's global feature: the mean of its patch tokens (teachers drop the cls token)."""
-        return self.target.mean(1)
-
-
 class AlignmentTerm(Protocol):
-    """The objective's view of an alignment variant (an entry of ``train.alignment.ALIGNMENTS``)."""
+    """The objective's view of an alignment variant (an entry of ``align.ALIGNMENTS``)."""
 
     @property
-    def loss(self) -> Callable[[AlignInputs, Any], LossAndLogs] | None: ...  # -> (L_align, logged terms)
+    def loss(self) -> object | None: ...  # None: the variant adds no alignment term
+
+    def compute(self, pred: torch.Tensor, target: torch.Tensor, cfg: Any) -> LossAndLogs: ...  # L_align, logs
 
     @property
     def adaptive(self) -> Callable[[Any], bool]: ...  # scale lambda_align at the encoder's last conv
@@ -98,8 +86,7 @@ class VAELoss(nn.Module):
         total = nll + c.kl_weight * kl
 
         if self.alignment is not None and pred is not None and target is not None:
-            assert self.alignment.loss is not None  # __init__ keeps only a variant with a loss
-            align, parts = self.alignment.loss(AlignInputs(pred, target), c)
+            align, parts = self.alignment.compute(pred, target, c)  # __init__ kept a variant with a loss
             weight = c.align_weight
             if self.alignment.adaptive(c) and enc_last is not None and torch.is_grad_enabled():
                 weight = weight * adaptive_gan_weight(nll, align, enc_last)

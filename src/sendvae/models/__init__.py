@@ -1,7 +1,6 @@
-"""Networks: the VAE family, the Send-VAE mapper, the PatchGAN discriminator, SiT."""
+"""Networks: the VAE family, the PatchGAN discriminator, SiT (the alignment heads are in align/)."""
 
 from .discriminator import NLayerDiscriminator, load_discriminator
-from .mapper import GridMismatchError, Mapper, MapperConfig, VFProjector
 from .sit import SIT_MODELS, SiT, SiTConfig, flops_per_image, sit_config
 from .sit_io import infer_sit_config, load_sit
 from .vae import VAE_CONFIGS, AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -13,14 +12,10 @@ __all__ = [
     "AutoencoderKL",
     "CheckpointMismatchError",
     "DiagonalGaussian",
-    "GridMismatchError",
-    "Mapper",
-    "MapperConfig",
     "NLayerDiscriminator",
     "SiT",
     "SiTConfig",
     "VAEConfig",
-    "VFProjector",
     "flops_per_image",
     "infer_sit_config",
     "load_discriminator",

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+LATENTS_FILE = "latents.json"  # a SiT export's record of the statistics the SiT was trained with
+
 
 def normalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(z - mean) / std per channel; z (B, C, ...), mean and std (C,)."""

@@ -1,8 +1,9 @@
-"""Transformer building blocks shared by the Send-VAE mapper (`models/mapper.py`) and SiT (`models/sit.py`).
+"""Transformer building blocks shared by the Send-VAE mapper (`align/mapper.py`) and SiT (`models/sit.py`).
 
     Attention         x (B, N, D) -> qkv -> per-head [q/k norm] -> softmax(q k^T / sqrt(d_h)) v -> proj
     mlp               Linear -> act -> Linear [-> act -> Linear ...], an nn.Sequential
     build_projector   REPA's token projector D -> 2048 -> 2048 -> z (SiLU), also the mapper's head
+    Block             pre-norm ViT block x + Attn(LN(x)), x + MLP(LN(x)): the mapper's, a ViT decoder's
     sincos_pos_embed_2d, init_vit_weights
 
 Parameter names are part of the checkpoint formats (REPA / REPA-E SiTs, exported mappers), so each block
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +117,19 @@ def init_vit_weights(model: nn.Module, patch_embed: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     assert patch_embed.bias is not None
     nn.init.zeros_(patch_embed.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU(tanh)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, partial(nn.LayerNorm, eps=1e-6) if qk_norm else None)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = mlp((dim, hidden, dim), partial(nn.GELU, approximate="tanh"))  # mlp.0, mlp.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))

@@ -24,7 +24,7 @@ with s = 1 - t, v(x, t) = d x_t / dt = -v_SiT(x, 1 - t). Samplers and losses nev
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -205,6 +205,11 @@ def sit_config(name: str, **kwargs: Any) -> SiTConfig:
     if name not in SIT_MODELS:
         raise ValueError(f"unknown SiT model {name!r}; choices: {sorted(SIT_MODELS)}")
     return SIT_MODELS[name](**kwargs)
+
+
+def sized_sit_config(name: str, size: dict, **kw) -> SiTConfig:
+    """A registry config with depth / hidden_size / num_heads overridden (validated again)."""
+    return replace(sit_config(name, **kw), **size) if size else sit_config(name, **kw)
 
 
 def flops_per_image(config: SiTConfig, training: bool = False) -> float:

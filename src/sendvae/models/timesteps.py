@@ -25,7 +25,7 @@ def draw_t(
 
     logit_normal with mean 0, std 1 is also REPA-E's "lognormal" weighting: sigma = exp(N(0, 1)),
     t = sigma / (1 + sigma) = sigmoid(N(0, 1)). The one t sampler: SiT training
-    (`diffusion.transport.sample_t`) and the Send-VAE mapper's noise injection (`models.mapper`) both
+    (`diffusion.transport.sample_t`) and the Send-VAE mapper's noise injection (`align.mapper`) both
     draw here.
     """
     if sampler not in T_SAMPLERS:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..align.names import NAMES, PAPER
 from ..config import option
 from ..data.embedded import EMBEDDED
 
@@ -61,7 +62,7 @@ class DemoVAE:
     batch_size: int = option(16, "batch size")
     lr: float = option(2e-3, "learning rate")
     mapper_patch: int = option(2, "mapper patch size on the latent grid")
-    align: str = option("sendvae", "alignment variant (train-vae --loss.align)")
+    align: str = option(PAPER, "alignment variant (train-vae --loss.align)", choices=NAMES)
     align_weight: float = option(1.0, "lambda_align")
     lpips_weight: float = option(0.0, "LPIPS weight in the loss")
     gan_start: int | None = option(None, "step the discriminator starts (none: no GAN)")

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..align.names import paper_align_weight
 from ..config import to_dict
 from ..evaluation.scoring import ImageSet, Scorer
 from .demo import cache_stage, judge_recipe, train_sit_stage, train_vae_stage
 from .stages import Stages
-from .study_config import StudyConfig, paper_align_weight
+from .study_config import StudyConfig
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -168,7 +169,7 @@ def probe_score_name(cfg: StudyConfig, emb) -> str:
 
 def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
     """Segmentation / depth heads on the teacher's tokens of real images (the study's scene and teacher)."""
-    from ..analysis.downstream import train_downstream
+    from ..evaluation.downstream import train_downstream
 
     d = cfg.base.data
     n = cfg.base.eval.probe_train
@@ -191,8 +192,8 @@ def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
 def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str | None) -> dict[str, Any]:
     """mIoU / AbsRel / delta<1.25 of the heads read through the variant's alignment head from encoded real
     images (NaN for a variant that exports no read-out head)."""
-    from ..analysis.downstream import downstream_scores
-    from ..train.alignment import ALIGNMENTS
+    from ..align import ALIGNMENTS
+    from ..evaluation.downstream import downstream_scores
 
     keys = ("miou", "fg_iou", "abs_rel", "delta1")
     if heads is None:

@@ -18,22 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..align.names import NAMES, PAPER
 from ..config import option
 from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, DemoSiT, DemoVAE
 
-VARIANTS = ("none", "repa", "vf", "sendvae", "reals", "repae")
-# Each variant's lambda_align is its own paper's, read from its train-vae preset (VA-VAE 0.1 with the
-# adaptive weight, REPA-E 1.5, the others 1.0); a variant without a preset keeps base.vae.align_weight.
-PAPER_PRESETS = {"repa": "repa-align-f16d32", "vf": "vavae-f16d32", "sendvae": "sendvae-f16d32",
-                 "reals": "reals-f16d32", "repae": "repae-f16d32"}  # fmt: skip
-
-
-def paper_align_weight(variant: str, default: float) -> float:
-    """lambda_align of `variant` in its paper's preset (train/vae_config.py), else `default`."""
-    from ..train.vae_config import PRESETS
-
-    preset = PAPER_PRESETS.get(variant)
-    return PRESETS.build(preset).loss.align_weight if preset else default
+# Every alignment variant (align/names.py, the registry's order); each fine-tune uses its own paper's
+# lambda_align (align.names.paper_align_weight: VA-VAE 0.1 with the adaptive weight, REPA-E 1.5, the
+# others 1.0); none keeps base.vae.align_weight (unused: no alignment term).
+VARIANTS = NAMES
 
 
 @dataclass
@@ -47,7 +39,7 @@ class StudyConfig:
         "probe score correlated with the final gFD (auto: the linear class probe's accuracy on "
         "Fashion-MNIST, the attribute probes' top5_recall on the shapes)",
     )
-    claim: str = option("sendvae", "the variant whose claims the verdict checks (the paper's)")
+    claim: str = option(PAPER, "the variant whose claims the verdict checks (the paper's)")
     # the stages' settings (vae.pretrain_steps: the shared VAE; vae.steps: every fine-tune; vae.align is
     # replaced by each variant)
     base: DemoConfig = option(DemoConfig(), "the stages' settings")
@@ -89,7 +81,7 @@ def _ci() -> StudyConfig:
         sample=DemoSample(num_samples=32, steps=4),
         eval=DemoEval(ref_images=64, probe_train=160, attr_images=120, judge_images=4096, judge_epochs=1),
     )
-    return StudyConfig(scale="ci", variants=("none", "sendvae"), seeds=(0,), eval_points=2, base=base)
+    return StudyConfig(scale="ci", variants=("none", PAPER), seeds=(0,), eval_points=2, base=base)
 
 
 SCALES = {"cpu": _cpu, "gpu": _gpu, "ci": _ci}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..align import HeadContext, alignment_for, head_summary
 from ..losses.lpips import (
     TORCHVISION_FILES,
     LPIPSWeightsError,
@@ -22,7 +23,7 @@ from ..losses.lpips import (
 from ..models.discriminator import NLayerDiscriminator, load_discriminator
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
-from .alignment import alignment_for, head_summary
+from .latent_init import device_of, initial_latent_stats
 
 if TYPE_CHECKING:
     from ..teachers import Teacher
@@ -68,14 +69,20 @@ def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> Teacher:
 def build_head(
     cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher | None, logger=None
 ) -> nn.Module | None:
-    """The alignment head of ``--loss.align``, built by its registry entry (train/alignment.py), or None.
+    """The alignment head of ``--loss.align``, built by its registry entry (align/), or None.
 
-    None for a variant without a head, or without a teacher to size it.
+    None for a variant without a head, or without a teacher to size it. The starting VAE's latent
+    statistics are measured only when the head asks for them (``--mapper.latent_norm fixed``, repae's BN).
     """
     entry = alignment_for(cfg)
     if entry.build_head is None or teacher is None:
         return None
-    head = entry.build_head(cfg, vae, teacher, logger)
+
+    def latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
+        return initial_latent_stats(cfg, vae, device_of(teacher), logger)
+
+    ctx = HeadContext(cfg.loss, cfg.mapper, cfg.data.resolution, vae, teacher, latent_stats, cfg, logger)
+    head = entry.build_head(ctx)
     if logger is not None:
         logger.info(head_summary(entry, cfg, head))
     return head

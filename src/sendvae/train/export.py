@@ -1,13 +1,13 @@
-"""Exports of a VAE training run: the VAE (diffusers layout + our config + latent statistics) and the mapper.
+"""Exports of a VAE training run: the VAE (diffusers layout + our config + latent statistics) and its head.
 
 export/vae/config.json, diffusion_pytorch_model.safetensors, sendvae.json   (AutoencoderKL.save_pretrained)
 export/vae/mapper.safetensors, mapper.json                                  (the alignment head, if any:
 export/vae/reals_head.*, vf_projector.*                                       the variant's files)
 export/sit/model.safetensors, config.json, latents.json      (--loss.align repae: the SiT trained beside it)
 
-What is exported beside the VAE is the alignment variant's (``Alignment.export``, train/alignment.py); every
+What is exported beside the VAE is the alignment variant's (``Alignment.export``, align/); every
 head's json carries `head_meta` (the variant, the latent and token grids, the teacher it was aligned to),
-and `train.alignment.load_exported_head` reads any of them back.
+and `align.load_exported_head` reads any of them back.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from ..config import to_dict
 from ..data import to_float
-from ..models.mapper import VF_FILES, Mapper, VFProjector
-from ..models.reals import REALS_FILES, RealsHead
 from ..models.vae import AutoencoderKL
-from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 
 if TYPE_CHECKING:
     from ..teachers import Teacher
@@ -60,11 +55,6 @@ def latent_statistics(
     return mean.float().cpu(), std.float().cpu()
 
 
-def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
-    atomic_save_safetensors(dict(mapper.state_dict()), out_dir / "mapper.safetensors")
-    atomic_write_json(meta, out_dir / "mapper.json")
-
-
 def head_meta(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, token_grid: tuple[int, int]) -> dict:
     """What every exported alignment head records: the variant, its grids, and the teacher it was aligned
     to (name, input size, weights), so that downstream heads can be trained on the same teacher."""
@@ -83,33 +73,6 @@ def head_meta(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, token_g
     }
 
 
-def export_mapper(
-    mapper: Mapper, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
-) -> None:
-    """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
-    meta = {**head_meta(cfg, vae, teacher, mapper.token_grid), "config": to_dict(mapper.config)}
-    save_mapper(mapper, out_dir, meta)
-
-
-def export_reals(
-    head: RealsHead, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
-) -> None:
-    """The ReaLS head beside the VAE (reals_head.safetensors + .json, what `load_reals_head` reads)."""
-    meta = {**head_meta(cfg, vae, teacher, head.token_grid), "config": to_dict(head.config)}
-    atomic_save_safetensors(dict(head.state_dict()), out_dir / REALS_FILES[0])
-    atomic_write_json(meta, out_dir / REALS_FILES[1])
-
-
-def export_vf(
-    proj: VFProjector, out_dir: Path, cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher
-) -> None:
-    """VA-VAE's 1x1 projection beside the VAE (vf_projector.*, what `load_vf_projector` reads); its tokens
-    are on the latent grid."""
-    meta = head_meta(cfg, vae, teacher, vae.latent_grid(cfg.data.resolution))
-    atomic_save_safetensors(dict(proj.state_dict()), out_dir / VF_FILES[0])
-    atomic_write_json(meta, out_dir / VF_FILES[1])
-
-
 def export_run(trainer) -> Path:
     """Export the trained VAE (EMA weights when kept) with fresh latent statistics, what the alignment
     variant exports beside it (``Alignment.export``: the mapper, or nothing), and the model trained beside
@@ -124,7 +87,10 @@ def export_run(trainer) -> Path:
     vae.save_pretrained(out)
     head, alignment = trainer.model.head, trainer.alignment
     if head is not None and alignment.export is not None:
-        alignment.export(head, out, cfg, trainer.model.vae, trainer.teacher)
+        res = cfg.data.resolution
+        grid = alignment.token_grid(head) or trainer.teacher.grid_size(res)
+        grid = (grid, grid) if isinstance(grid, int) else grid
+        alignment.export(head, out, head_meta(cfg, trainer.model.vae, trainer.teacher, grid))
     if trainer.cotrained is not None:  # the model trained beside the VAE (REPA-E: export/sit), paired with it
         trainer.log.info(f"exported the co-trained model to {trainer.cotrained.export(out.parent, vae)}")
     return out

@@ -10,9 +10,7 @@ train-vae (see ``train/common.py``); MFU = model FLOPs x img/s / the device's me
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,10 +23,11 @@ from ..data import to_float
 from ..data.latent_store import LatentStore, select_flip
 from ..diffusion.sampling import euler_sample
 from ..diffusion.transport import sample_t, training_losses
-from ..models.latent_stats import LatentStats
-from ..models.sit import SiT, SiTConfig, flops_per_image, sit_config
+from ..models.latent_stats import LATENTS_FILE, LatentStats
+from ..models.sit import SiT, flops_per_image, sit_config, sized_sit_config
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo
+from ..runtime.hardware import measured_matmul_tflops
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
 from .common import (
@@ -46,7 +45,6 @@ from .sit_config import TrainSiTConfig
 if TYPE_CHECKING:
     from .sit_fd import ProxyFD
 
-LATENTS_FILE = "latents.json"  # the export's record of the statistics the SiT was trained with
 
 
 def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT:
@@ -113,27 +111,6 @@ class LatentsWithImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         moments, label = self.store[i]
         return moments, self.images[i][0], label
-
-
-def sized_sit_config(name: str, size: dict, **kw) -> SiTConfig:
-    """A registry config with depth / hidden_size / num_heads overridden (validated again)."""
-    return dataclasses.replace(sit_config(name, **kw), **size) if size else sit_config(name, **kw)
-
-
-def measured_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float | None:
-    """bf16 dense matmul rate of this GPU, measured (the MFU denominator). None on CPU."""
-    if device.type != "cuda":
-        return None
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
 
 
 class SiTTrainer(TrainerBase):

@@ -27,12 +27,12 @@ import torch
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..align import alignment_for
 from ..data import build_dataset, to_float
 from ..losses.vae_loss import VAELoss
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
-from .alignment import alignment_for
 from .builders import (
     build_disc,
     build_head,

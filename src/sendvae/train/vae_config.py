@@ -12,7 +12,7 @@ Presets (``--preset``):
   repa-align-f16d32      direct REPA-style alignment baseline: an MLP projector on the clean latent.
   reals-f16d32           ReaLS (arXiv 2502.00359): an MLP to the teacher's patch tokens and to its pooled
                          global feature, two cosine terms, the KL weight balanced against them (the preset).
-  repae-f16d32           REPA-E (arXiv 2504.10483, train/repae.py): from VA-VAE f16d32, the VAE aligned
+  repae-f16d32           REPA-E (arXiv 2504.10483, align/repae.py): from VA-VAE f16d32, the VAE aligned
                          through a SiT-XL/1's first 8 blocks (lambda_align 1.5) while the SiT trains beside
                          it (REPA 0.5), latent BatchNorm, lr 1e-4 for VAE, SiT and discriminator, batch 256,
                          400k steps.
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..align.mapper import MapperConfig
+from ..align.names import NAMES, PAPER, alignment_help, paper_align_weight
+from ..align.repae import JointSiTConfig
 from ..config import PresetRegistry, option, positive, unit_interval
 from ..data.config import DataConfig
-from ..models.mapper import MapperConfig
-from .alignment import ALIGNMENTS, alignment_help
 from .common import RunConfig, batch_size_option, grad_accum_option
-from .repae import JointSiTConfig
 
 
 @dataclass
@@ -63,7 +63,7 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    align: str = option("sendvae", alignment_help(), choices=tuple(ALIGNMENTS))  # train/alignment.py
+    align: str = option(PAPER, alignment_help(), choices=NAMES)  # align/
     align_weight: float = option(1.0, "lambda_align", min=0)
     vf_margin_cos: float = option(0.5, "VF loss: cosine margin m_c", min=0)
     vf_margin_dist: float = option(0.25, "VF loss: distance-matrix margin m_d", min=0)
@@ -165,7 +165,8 @@ def _sendvae_f8d4() -> TrainVAEConfig:
 def _vavae() -> TrainVAEConfig:
     cfg = _sendvae_f16d32()
     cfg.preset = "vavae-f16d32"
-    cfg.loss.align, cfg.loss.align_weight = "vf", 0.1
+    cfg.loss.align = "vf"
+    cfg.loss.align_weight = paper_align_weight("vf", cfg.loss.align_weight)  # 0.1, with the adaptive weight
     cfg.teacher.enc_type = "dinov2-vit-l"
     return cfg
 
@@ -203,7 +204,8 @@ def _repae_f16d32() -> TrainVAEConfig:
     # LPIPS 1 + KL 1e-6 + GAN 0.1 from step 0, as sendvae-f16d32); SiT-XL/1 on the f16d32 VAEs.
     cfg = _sendvae_f16d32()
     cfg.preset = "repae-f16d32"
-    cfg.loss.align, cfg.loss.align_weight = "repae", 1.5
+    cfg.loss.align = "repae"
+    cfg.loss.align_weight = paper_align_weight("repae", cfg.loss.align_weight)  # 1.5
     cfg.sit.model, cfg.sit.encoder_depth, cfg.sit.proj_coeff, cfg.sit.lr = "SiT-XL/1", 8, 0.5, 1e-4
     cfg.optim.batch_size, cfg.optim.lr, cfg.optim.disc_lr = 256, 1e-4, None
     cfg.optim.epochs, cfg.optim.max_steps = None, 400_000

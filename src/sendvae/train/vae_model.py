@@ -3,7 +3,7 @@
 One module so that DDP sees every parameter that receives gradients in one forward:
     x -> VAE encoder -> posterior -> z ~ q(z|x) -> decoder -> x_hat
                                      z -> alignment head -> tokens (B, N, D_teacher)
-The alignment head is the chosen variant's (train/alignment.py): the Send-VAE mapper (patch embed ->
+The alignment head is the chosen variant's (align/): the Send-VAE mapper (patch embed ->
 ViT blocks -> MLP projector, with z_t = (1 - t) z + t eps inside), the same mapper with depth 0 and no
 noise for the REPA-style direct alignment baseline, VA-VAE's bias-free 1x1 projection, REPA-E's latent
 BatchNorm + frozen SiT blocks (the SiT itself is trained beside this module, not in it), or none.

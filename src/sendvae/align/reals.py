@@ -9,22 +9,36 @@
 ReaLS aligns the latents "with an MLP" at patch level and at global level; the paper's exact widths are
 not recorded in our references, so the MLP is the Send-VAE mapper's 3-layer projector (``--mapper.*``
 sets its widths, patch size and latent normalisation) with no ViT blocks and no noise: ReaLS aligns the
-clean latent. After training the same network turns generated latents into features for downstream
-heads (`analysis.downstream`); `patch_tokens` is that read-out.
+clean latent. With the teacher's pooled feature fbar = (1/N) sum_n f(x)[n] (``AlignInputs.target_global``):
+
+    L_align = w_p (1 - (1/N) sum_n cos(P[n], f(x)[n])) + w_g (1 - cos(g, fbar)),
+
+w_p, w_g = ``--loss.reals_patch_weight``, ``--loss.reals_global_weight``; the KL weight that ReaLS balances
+against them is ``--loss.kl_weight`` (the reals-f16d32 preset records its source).
+
+After training the same network turns generated latents into features for downstream heads
+(`evaluation.downstream`); `patch_tokens` is that read-out.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import from_dict, to_dict
+from ..losses.cosine import LossAndLogs, cosine_alignment_loss
+from ..models.layers import build_projector, init_vit_weights
+from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 from ..runtime.weights import malformed, read_json, read_weights
-from .layers import build_projector, init_vit_weights
-from .mapper import Mapper, MapperConfig
+from .base import CLEAN_LATENT, AlignInputs, Alignment
+from .mapper import Mapper, MapperConfig, mapper_grid, mapper_head
+
+if TYPE_CHECKING:
+    from ..train.vae_config import LossConfig
 
 REALS_FILES = ("reals_head.safetensors", "reals_head.json")
 
@@ -105,3 +119,60 @@ def load_reals_head(export_dir: str | Path) -> RealsHead:
         )
         head.load_state_dict(read_weights(d / REALS_FILES[0], "ReaLS head weights"))
     return head.eval()
+
+
+def reals_loss(
+    patch: torch.Tensor,
+    glob: torch.Tensor,
+    target: torch.Tensor,
+    target_global: torch.Tensor,
+    weight_patch: float = 1.0,
+    weight_global: float = 1.0,
+) -> LossAndLogs:
+    """ReaLS's two alignment terms: patch tokens patch, target (B, N, D); global features glob,
+    target_global (B, D), the teacher's pooled feature.
+
+    L_patch  = 1 - (1/BN) sum_{b,n} cos(patch[b, n], target[b, n])
+    L_global = 1 - (1/B) sum_b cos(glob[b], target_global[b])
+    L        = weight_patch * L_patch + weight_global * L_global
+    """
+    if glob.ndim != 2 or glob.shape != target_global.shape:
+        raise ValueError(
+            f"the global term expects predicted and teacher global features (B, D) of one shape, got "
+            f"{tuple(glob.shape)} and {tuple(target_global.shape)}"
+        )
+    l_patch, cos_patch = cosine_alignment_loss(patch, target)
+    l_global, cos_global = cosine_alignment_loss(glob[:, None], target_global[:, None])  # (B, 1, D)
+    loss = weight_patch * l_patch + weight_global * l_global
+    return loss, {"cos": cos_patch, "cos_global": cos_global}
+
+
+def export_reals(head: RealsHead, out_dir: Path, meta: dict[str, Any]) -> None:
+    """The ReaLS head beside the VAE (reals_head.safetensors + .json, what `load_reals_head` reads)."""
+    atomic_save_safetensors(dict(head.state_dict()), out_dir / REALS_FILES[0])
+    atomic_write_json({**meta, "config": to_dict(head.config)}, out_dir / REALS_FILES[1])
+
+
+def _reals(inputs: AlignInputs, cfg: LossConfig) -> LossAndLogs:
+    patch, glob = split_reals_output(inputs.pred)  # the head's (B, 1 + N, D): global first
+    w_p, w_g = cfg.reals_patch_weight, cfg.reals_global_weight
+    return reals_loss(patch, glob, inputs.target, inputs.target_global, w_p, w_g)  # pooled teacher feature
+
+
+def _patches(head: RealsHead, z: torch.Tensor) -> torch.Tensor:
+    return head.patch_tokens(z)
+
+
+REALS = Alignment(
+    "reals",
+    needs_teacher=True,
+    build_head=mapper_head(RealsHead),
+    head_input=lambda cfg: CLEAN_LATENT,
+    token_grid=mapper_grid,
+    loss=_reals,
+    logged=("align", "cos", "cos_global"),
+    export=export_reals,
+    exports=REALS_FILES,
+    load=load_reals_head,
+    read_out=_patches,
+)

@@ -20,7 +20,7 @@ Coefficients (REPA-E's README training command and argument defaults): lambda_al
 vae_align_proj_coeff; our ``--loss.align_weight``, set by the repae presets), proj_coeff 0.5, BN momentum 0.1
 (bn_momentum) and eps 1e-4 (its SiT's BatchNorm2d), learning rate 1e-4 for the SiT, the VAE and the
 discriminator, encoder depth 8, uniform t (weighting "uniform"). The BN starts from the VAE's
-latent statistics (REPA-E: its latents-stats file; here `latent_init.initial_latent_stats`).
+latent statistics (REPA-E: its latents-stats file; here ``HeadContext.latent_stats``).
 
 The BN is the SiT's latent normalisation: the SiT models (z - mu_BN) / sqrt(var_BN + eps), so its export
 (export/sit: the EMA SiT and latents.json) records mean mu_BN and std sqrt(var_BN + eps) of the BN's running
@@ -43,11 +43,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from ..config import option, positive
-from ..diffusion.transport import T_SAMPLERS, TransportConfig, interpolate, sample_t, training_losses
-from ..models.latent_stats import LatentStats
-from ..models.mapper import GRID_MISMATCH_MODES, LatentNorm
-from ..models.sit import SIT_MODELS, SiT, SiTConfig, sit_config
-from .common import (
+from ..data import build_dataset
+from ..data.latent_store import vae_fingerprint
+from ..diffusion.transport import (
+    T_SAMPLERS,
+    TransportConfig,
+    interpolate,
+    repa_loss,
+    sample_t,
+    training_losses,
+)
+from ..losses.cosine import LossAndLogs
+from ..models.latent_stats import LATENTS_FILE, LatentStats
+from ..models.sit import SIT_MODELS, SiT, SiTConfig, sit_config, sized_sit_config
+from ..runtime.checkpoint import atomic_write_json
+from ..train.common import (
     BufferGuard,
     accumulate_terms,
     autocast_dtype,
@@ -55,12 +65,13 @@ from .common import (
     fused_adamw,
     optimizer_step,
 )
-from .latent_init import device_of, initial_latent_stats
+from ..train.latent_init import device_of
+from .base import NOISY_LATENT, AlignInputs, Alignment, HeadContext
+from .mapper import GRID_MISMATCH_MODES, LatentNorm
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
-    from ..teachers import Teacher
-    from .vae_config import TrainVAEConfig
+    from ..train.vae_config import LossConfig, TrainVAEConfig
 
 STATE_KEY = "sit"  # the SiT's entry in the training state (diffusion/sit_source.py reads it)
 JOINT_LOGGED = ("sit_loss", "denoise", "proj", "sit_grad_norm")  # what `JointSiT.step` logs
@@ -119,8 +130,6 @@ def joint_sit_config(
     cfg: TrainVAEConfig, channels: int, latent_grid: tuple[int, int], teacher_dim: int, num_classes: int
 ) -> SiTConfig:
     """The ``--sit.*`` SiT for the VAE's (channels, h, w) latents and a teacher ``teacher_dim`` wide."""
-    from .sit import sized_sit_config  # not at the top: train.sit pulls in the latent store and samplers
-
     s, res = cfg.sit, cfg.data.resolution
     h, w = latent_grid
     shape = f"{channels}x{h}x{w} latents at --data.resolution {res}"
@@ -176,22 +185,21 @@ def check_token_grids(cfg: TrainVAEConfig, sit: SiTConfig, teacher_grid: tuple[i
 def _num_classes(cfg: TrainVAEConfig) -> int:
     if cfg.sit.unconditional:
         return 1
-    from ..data import build_dataset
-
     ds = build_dataset(cfg.data, seed=cfg.run.seed)
     return int(getattr(ds, "num_classes", 0) or len(getattr(ds, "classes", None) or []) or 1)
 
 
-def build_repae_head(cfg: TrainVAEConfig, vae: AutoencoderKL, teacher: Teacher, logger=None) -> SiTAlignHead:
+def build_repae_head(ctx: HeadContext) -> SiTAlignHead:
     """The ``repae`` entry's head: the latent BN + the SiT's first blocks and projector, the SiT trained by
     the `JointSiT` it holds. Built on the teacher's device; the BN starts from the VAE's latent statistics."""
+    cfg, vae, teacher, logger = ctx.trainer, ctx.vae, ctx.teacher, ctx.logger
     res, dev = cfg.data.resolution, device_of(teacher)
     sit_cfg = joint_sit_config(
         cfg, vae.latent_channels, vae.latent_grid(res), teacher.embed_dim, _num_classes(cfg)
     )
     check_token_grids(cfg, sit_cfg, teacher.grid_size(res))
     norm = LatentNorm(vae.latent_channels, "running", cfg.sit.norm_momentum, cfg.sit.norm_eps)
-    norm.set_stats(*initial_latent_stats(cfg, vae, dev))
+    norm.set_stats(*ctx.latent_stats())
     sit = SiT(sit_cfg, grad_checkpointing=cfg.model.grad_checkpointing)  # also in the VAE's pass
     joint = JointSiT(cfg, sit.to(dev), norm.to(dev))
     if logger is not None:
@@ -365,10 +373,6 @@ class JointSiT:
     def export(self, out_dir: Path, vae: AutoencoderKL) -> Path:
         """out_dir/sit: the EMA SiT (model.safetensors + config.json, `sendvae.load_sit`) and latents.json
         (the BN's statistics and the fingerprint of ``vae``, the exported VAE), as train-sit exports."""
-        from ..data.latent_store import vae_fingerprint
-        from ..runtime.checkpoint import atomic_write_json
-        from .sit import LATENTS_FILE
-
         out = Path(out_dir) / "sit"
         self.ema.save_pretrained(out)
         meta = {
@@ -382,3 +386,21 @@ class JointSiT:
 def joint_of(head: nn.Module) -> JointSiT:
     """The SiT trained beside the VAE, reached through the ``repae`` entry's head."""
     return cast(SiTAlignHead, head).joint  # the repae entry's own build_head made it
+
+
+def _repae(inputs: AlignInputs, cfg: LossConfig) -> LossAndLogs:
+    proj = repa_loss(inputs.pred, inputs.target)  # -(1/N) sum_n cos, REPA-E's vae_align proj_loss
+    return proj, {"cos": -proj.detach()}
+
+
+REPAE = Alignment(
+    "repae",
+    needs_teacher=True,
+    build_head=build_repae_head,
+    head_input=lambda cfg: NOISY_LATENT,
+    token_grid=lambda head: cast(SiTAlignHead, head).token_grid,
+    loss=_repae,
+    logged=("align", "cos"),
+    cotrained=joint_of,
+    cotrained_logged=JOINT_LOGGED,
+)

@@ -9,26 +9,33 @@ The paper fixes 1 block (depth 0 = MLP only and depth 2 are its ablations) and 1
 768 / 1024-wide teacher; it is silent on the block width, so it defaults to the teacher width. The
 noise injection ("diffusion-aware" alignment) makes the mapper see latents as the diffusion model will.
 
-`VFProjector` is VA-VAE's alternative head (a bias-free 1x1 conv) used with `losses.align.vf_loss`.
+Two variants use it (their entries at the end): ``sendvae`` (the mapper on the noisy normalised latent z_t,
+t ~ U(0, 1) (``--mapper.t_sampling``), eps ~ N(0, I), in training only (``--mapper.noise``)) and ``repa``
+(the REPA-style direct alignment: depth 0, no noise, on the clean normalised latent); both with
+
+    L_align = 1 - (1/N) sum_n cos(h_phi(z)[n], f(x)[n]).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import from_dict, option, positive
+from ..config import from_dict, option, positive, to_dict
+from ..losses.cosine import LossAndLogs, cosine_alignment_loss
+from ..models.layers import Block, build_projector, init_vit_weights, sincos_pos_embed_2d
+from ..models.timesteps import T_SAMPLERS, draw_t
+from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json
 from ..runtime.weights import malformed, read_json, read_weights
-from .layers import Attention, build_projector, init_vit_weights, mlp, sincos_pos_embed_2d
-from .timesteps import T_SAMPLERS, draw_t
+from .base import CLEAN_LATENT, NOISY_LATENT, AlignInputs, Alignment, HeadContext
 
 
 class GridMismatchError(ValueError):
@@ -200,22 +207,6 @@ class LatentNorm(nn.Module):
         return (z - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
 
 
-class Block(nn.Module):
-    """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU(tanh)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, partial(nn.LayerNorm, eps=1e-6) if qk_norm else None)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = mlp((dim, hidden, dim), partial(nn.GELU, approximate="tanh"))  # mlp.0, mlp.2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 def _resolve_heads(hidden: int, num_heads: int | None) -> int:
     if num_heads is None:
         if hidden % 64 != 0:
@@ -361,18 +352,6 @@ class Mapper(nn.Module):
         return sum(p.numel() for p in module.parameters())
 
 
-class VFProjector(nn.Module):
-    """VA-VAE's head: bias-free 1x1 conv latent -> teacher width, tokens on the latent grid."""
-
-    def __init__(self, latent_channels: int, teacher_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(latent_channels, teacher_dim, kernel_size=1, bias=False)
-        self.token_grid: tuple[int, int] | None = None  # the latent grid, set by the trainer's builder
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.proj(z).flatten(2).transpose(1, 2)  # (B, h*w, teacher_dim)
-
-
 def load_mapper(export_dir: str | Path) -> Mapper:
     """The mapper exported beside a trained VAE (``export/vae``: mapper.json + mapper.safetensors), in eval
     mode."""
@@ -393,16 +372,70 @@ def load_mapper(export_dir: str | Path) -> Mapper:
     return m.eval()
 
 
-VF_FILES = ("vf_projector.safetensors", "vf_projector.json")
+MAPPER_FILES = ("mapper.safetensors", "mapper.json")
 
 
-def load_vf_projector(export_dir: str | Path) -> VFProjector:
-    """The VA-VAE projection exported beside a trained VAE (vf_projector.json + .safetensors), eval mode."""
-    d = Path(export_dir)
-    if not (d / VF_FILES[1]).exists():
-        raise FileNotFoundError(f"no {VF_FILES[1]} in {d}: this VAE was not trained with --loss.align vf")
-    meta = read_json(d / VF_FILES[1], "VF projector record")
-    with malformed(d / VF_FILES[1], "VF projector record"):
-        proj = VFProjector(meta["latent_channels"], meta["teacher_dim"])
-        proj.load_state_dict(read_weights(d / VF_FILES[0], "VF projector weights"))
-    return proj.eval()
+def save_mapper(mapper: nn.Module, out_dir: Path, meta: dict) -> None:
+    atomic_save_safetensors(dict(mapper.state_dict()), out_dir / MAPPER_FILES[0])
+    atomic_write_json(meta, out_dir / MAPPER_FILES[1])
+
+
+def export_mapper(mapper: Mapper, out_dir: Path, meta: dict[str, Any]) -> None:
+    """The mapper beside the VAE (mapper.safetensors + mapper.json, what `load_mapper` reads)."""
+    save_mapper(mapper, out_dir, {**meta, "config": to_dict(mapper.config)})
+
+
+def mapper_head(head_cls: type[nn.Module] | None = None, **overrides) -> Callable[[HeadContext], nn.Module]:
+    """The head builder of the mapper of ``--mapper.*`` with ``overrides`` of its MapperConfig (REPA: depth
+    0, no noise); ``head_cls`` (ReaLS's two-branch MLP) is built from the same options instead.
+
+    With ``--mapper.latent_norm fixed`` its LatentNorm gets the starting VAE's latent statistics here
+    (``ctx.latent_stats()``), before the first step; they stay fixed for the run and travel in its
+    checkpoints.
+    """
+    cls = head_cls or Mapper
+
+    def build(ctx: HeadContext) -> nn.Module:
+        mcfg = replace(ctx.mapper, **overrides)
+        head = cls(ctx.vae.latent_channels, ctx.latent_grid, ctx.teacher.embed_dim, ctx.teacher_grid, mcfg)
+        if mcfg.latent_norm == "fixed":
+            head.set_latent_stats(*ctx.latent_stats())  # type: ignore[operator]
+        return head
+
+    return build
+
+
+def mapper_grid(head: nn.Module) -> tuple[int, int]:
+    """The head's token grid (a Mapper's, or a head holding one with the same property)."""
+    return cast(Mapper, head).token_grid
+
+
+def cosine_loss(inputs: AlignInputs, cfg: object) -> LossAndLogs:
+    loss, mean_cos = cosine_alignment_loss(inputs.pred, inputs.target)
+    return loss, {"cos": mean_cos}
+
+
+SENDVAE = Alignment(
+    "sendvae",
+    needs_teacher=True,
+    build_head=mapper_head(),
+    head_input=lambda cfg: NOISY_LATENT if cfg.mapper.noise else CLEAN_LATENT,
+    token_grid=mapper_grid,
+    loss=cosine_loss,
+    logged=("align", "cos"),
+    export=export_mapper,
+    exports=MAPPER_FILES,
+    load=load_mapper,
+)
+REPA = Alignment(
+    "repa",
+    needs_teacher=True,
+    build_head=mapper_head(depth=0, noise=False),
+    head_input=lambda cfg: CLEAN_LATENT,
+    token_grid=mapper_grid,
+    loss=cosine_loss,
+    logged=("align", "cos"),
+    export=export_mapper,
+    exports=MAPPER_FILES,
+    load=load_mapper,
+)

@@ -3,7 +3,7 @@
     heads = train_downstream("runs/heads", vae="runs/shapes-tiny/export/vae")     # on teacher features
     scores = downstream_scores("runs/shapes-tiny/export/vae", "runs/heads", sit="runs/shapes-tiny-sit")
 
-The heads (analysis/downstream_heads.py) are trained on the frozen teacher's patch tokens of real shapes
+The heads (evaluation/downstream_heads.py) are trained on the frozen teacher's patch tokens of real shapes
 images (indices 0 .. n - 1), the teacher being the one the VAE's alignment head was aligned to (read from
 its export). They are scored on held-out images (indices from EVAL_START: no training run sees them)
 with three feature sources:
@@ -19,7 +19,7 @@ with three feature sources:
                  a head must beat (objects cover a small part of each image).
 
 The head's tokens are resampled to the teacher grid when its grid differs (``resample_tokens``). Every
-variant with an exported head works (sendvae, reals, repa, vf: `train.alignment.load_exported_head`).
+variant with an exported head works (sendvae, reals, repa, vf: `align.load_exported_head`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..align import load_exported_head
 from ..data.shapes import ShapesDataset, scene_config
 from ..data.shapes_render import DEPTH_BACKGROUND
 from ..data.transforms import to_float
@@ -41,13 +42,12 @@ from ..models.vae_io import load_vae
 from ..runtime.checkpoint import atomic_write_bytes, atomic_write_json
 from ..runtime.distributed import resolve_device
 from ..teachers import DEFAULT_TEACHER, build_teacher, resample_tokens
-from ..train.alignment import load_exported_head
 from .downstream_heads import SegDepthMeter, load_heads, save_heads, shapes_targets, train_heads
 
 if TYPE_CHECKING:
+    from ..align import ExportedHead
     from ..diffusion.sampling import SamplerConfig
     from ..teachers import Teacher
-    from ..train.alignment import ExportedHead
 
 SOURCES = ("teacher-real", "vae-real", "vae-generated", "constant")
 REFERENCES = {
