@@ -72,9 +72,10 @@ class LeCamEMA(nn.Module):
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
         """ema <- decay * ema + (1 - decay) * batch mean (plain copy on the first update)."""
-        decay = self.decay if self.num_updates.item() > 0 else 0.0
-        self.ema_real.lerp_(logits_real.detach().float().mean(), 1.0 - decay)
-        self.ema_fake.lerp_(logits_fake.detach().float().mean(), 1.0 - decay)
+        # weight 1 on the first update, 1 - decay after; a device tensor (no host read of num_updates)
+        w = torch.where(self.num_updates > 0, 1.0 - self.decay, 1.0).to(self.ema_real.dtype)
+        self.ema_real.lerp_(logits_real.detach().float().mean(), w)
+        self.ema_fake.lerp_(logits_fake.detach().float().mean(), w)
         self.num_updates += 1
 
     def forward(

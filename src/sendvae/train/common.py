@@ -137,16 +137,32 @@ def accumulate_terms(total: dict[str, torch.Tensor], terms: dict[str, torch.Tens
         total[name] = total[name] + v if name in total else v
 
 
+EMA_CHUNK_BYTES = 1 << 28  # the EMA update's temporary (model - ema) is made this many bytes at a time
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, found_inf: torch.Tensor | None = None) -> None:
-    """ema <- ema + (1 - decay) * (model - ema), skipped (weight 0) on a step the optimizer skipped."""
-    w = torch.as_tensor(1.0 - decay, device=next(ema.parameters()).device)
-    if found_inf is not None:
-        w = w * (1.0 - found_inf)
+    """ema <- ema + (1 - decay) * (model - ema), skipped (weight 0) on a step the optimizer skipped.
+
+    No host sync: the weight w = (1 - decay)(1 - found_inf) stays a device tensor. (``_foreach_lerp_``
+    has no tensor-weight overload; given a tensor it reads it as a Python number, an ``.item()`` per
+    step.) So the update is three fused launches, (model - ema), x w, ema +=, over chunks of
+    `EMA_CHUNK_BYTES`, so that the temporary difference never holds a second copy of a large model.
+    """
     ema_p: list[torch.Tensor] = list(ema.parameters())
     model_p = [p.detach().to(e.dtype) for e, p in zip(ema_p, model.parameters())]
-    # one fused launch for all tensors; w stays on the device (a 0-dim tensor weight: not in torch's stubs)
-    torch._foreach_lerp_(ema_p, model_p, w)  # type: ignore[call-overload]
+    if found_inf is None:  # a Python weight: one fused lerp
+        torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    else:
+        w = (1.0 - decay) * (1.0 - found_inf.to(ema_p[0].dtype))  # 0-dim, on the device
+        start, size = 0, 0
+        for i, e in enumerate(ema_p):
+            size += e.numel() * e.element_size()
+            if size >= EMA_CHUNK_BYTES or i == len(ema_p) - 1:
+                diff = torch._foreach_sub(model_p[start : i + 1], ema_p[start : i + 1])
+                torch._foreach_mul_(diff, w)
+                torch._foreach_add_(ema_p[start : i + 1], diff)
+                start, size = i + 1, 0
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
 
