@@ -70,6 +70,11 @@ def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
     # the judge (a 1-epoch ci recipe here) reads real images far above chance, noise-like samples not
     assert ev["judge"]["metric"] in ("FD_fmnist-cnn", "FD_shapes-cnn") and ev["judge"]["test_accuracy"] > 0.6
     assert ev["real"]["class_accuracy"] > 0.6 and ev["real"]["fd_judge"] < ev["samples"]["1"]["fd_judge"]
+    # `sendvae evaluate --recon` on the demo's VAE and held-out images gives the demo's numbers (one engine)
+    data = "fashion-mnist" if ev["judge"]["metric"] == "FD_fmnist-cnn" else "shapes"
+    m = evaluate_recon(tmp_path / "recon.json", out / "vae" / "export" / "vae", data, n=128)
+    for key in ("psnr", "ssim", "stlpips_alex", f"r{ev['judge']['metric']}"):
+        assert m[key] == pytest.approx(ev["recon"][key], rel=1e-6, abs=1e-9), key
     probe = json.loads((out / "stages" / "probe.json").read_text())
     assert set(probe["results"]) == {"sendvae-vae", "random-tiny-f4d4", "pixels"}
     assert all(math.isfinite(v) for v in _finite_numbers(probe["results"]))
@@ -82,6 +87,16 @@ def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert "stage 'pretrain' finished earlier with other settings (vae)" in lines[-1]
     assert not any("Traceback" in line for line in lines)
+
+
+def evaluate_recon(out_json, vae, data: str, n: int) -> dict:
+    """`sendvae evaluate --recon` as the demo and the study score reconstructions at their ci scale: the
+    held-out eval split, ST-LPIPS-alex, the judge's rFD (its 1-epoch ci recipe, from the cache)."""
+    argv = ["evaluate", "--recon", "--vae", str(vae), "--data", data, "--split", "eval", "--resolution", "32",
+            "--num-images", str(n), "--perceptual", "stlpips_alex", "--judge", "--judge-epochs", "1",
+            "--judge-images", "4096", "--device", "cpu", "--output-json", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads(out_json.read_text())
 
 
 def test_stage_records_refuse_other_settings(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sendvae.metrics.adm as adm
-import sendvae.metrics.frechet as frechet
+import sendvae.evaluation.reconstruction as reconstruction
 from sendvae.cli import main as cli_main
 from sendvae.metrics.features import FeatureExtractor
 from sendvae.metrics.recon import PSNR_MAX, psnr, ssim
@@ -180,19 +180,19 @@ def test_recon_writes_json(tmp_path):
     argv = ["--recon", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32", "--num-images", "8"]
     assert main(argv + ["--batch-size", "4", "--device", "cpu", "--output-json", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert {"FD_efficientnet-lite0", "psnr", "ssim", "lpips", "n"} <= m.keys()
-    assert "rFID" not in m and m["n"] == 8
-    assert 0 < m["psnr"] < PSNR_MAX and -1 < m["ssim"] < 1 and m["lpips"] > 0  # random weights: poor
+    assert {"rFD_efficientnet-lite0", "psnr", "ssim", "stlpips_alex", "n"} <= m.keys()  # the network named
+    assert "rFID" not in m and "lpips" not in m and m["n"] == 8
+    assert 0 < m["psnr"] < PSNR_MAX and -1 < m["ssim"] < 1 and m["stlpips_alex"] > 0  # random weights: poor
 
 
 def test_recon_rfid(tmp_path, inception_weights, monkeypatch):
-    monkeypatch.setattr(frechet, "frechet_distance", _cheap_fd)
+    monkeypatch.setattr(reconstruction, "frechet_distance", _cheap_fd)
     out = tmp_path / "recon.json"
     argv = ["--recon", "--vae", "tiny-f4d4", "--data", "shapes", "--resolution", "32", "--num-images", "2"]
     argv += ["--inception-weights", str(inception_weights), "--device", "cpu", "--output-json", str(out)]
     assert main(argv) == 0
     m = json.loads(out.read_text())
-    assert m["rFID"] > 0 and not any(k.startswith("FD_") for k in m)
+    assert m["rFID"] > 0 and not any(k.startswith(("FD_", "rFD_")) for k in m)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from sendvae.cli import main
 from sendvae.pipeline.study_config import study_config
 from sendvae.pipeline.study_report import analyse, verdict
 
+from .test_demo import evaluate_recon
+
 
 @pytest.mark.slow
 def test_study_runs_every_variant_from_one_init_and_resumes(tmp_path, capsys):
@@ -32,6 +34,14 @@ def test_study_runs_every_variant_from_one_init_and_resumes(tmp_path, capsys):
         cfg = json.loads((out / "runs" / name / "vae" / "config.json").read_text())
         assert cfg["model"]["vae_ckpt"] == str(out / "pretrain" / "export" / "vae")
         assert cfg["loss"]["align"] == name.split("-")[0]
+    # `sendvae evaluate --recon` on a run's VAE gives the study's reconstruction numbers (one engine)
+    data = "fashion-mnist" if report["judge"]["metric"] == "FD_fmnist-cnn" else "shapes"
+    run = report["runs"]["sendvae-s0"]
+    m = evaluate_recon(
+        tmp_path / "recon.json", out / "runs" / "sendvae-s0" / "vae" / "export" / "vae", data, 64
+    )
+    for key in ("psnr", "ssim", "stlpips_alex", f"r{report['judge']['metric']}"):
+        assert m[key] == pytest.approx(run[key], rel=1e-6, abs=1e-9), key
     md = (out / "study.md").read_text()
     assert "| none |" in md and "| sendvae |" in md and "## Verdict" in md and "## Paired differences" in md
     capsys.readouterr()

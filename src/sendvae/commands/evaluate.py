@@ -12,6 +12,9 @@ different metric and is never called FID.
 
 As in ADM, IS averages over consecutive splits of 5000 samples (--is-splits K: K equal splits) and
 precision / recall use float16 distances (--pr-distance-dtype float32: float32); the report names both.
+
+The engines are the library's (evaluation/sample_batch.py, evaluation/reconstruction.py); this module
+reads the options and calls them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from ..runtime.distributed import resolve_device
 
 NAME = "evaluate"
 HELP = "FID / sFID / IS / precision / recall of samples, ADM reference batches, VAE reconstruction metrics"
-DATASETS = ("shapes", "prepared", "imagefolder", "fashion-mnist")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..data.config import DATASETS
+    from ..evaluation.reconstruction import PERCEPTUAL
     from ..metrics.frechet import IS_SPLIT_SIZE, PR_DISTANCE_DTYPES
     from ..teachers import DEFAULT_TEACHER, TEACHERS
 
@@ -97,54 +101,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "that would overflow), or float32 throughout, which moves precision / recall by ~1e-3 "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--perceptual",
+        choices=(*PERCEPTUAL, "none"),
+        default="stlpips_alex",
+        help="--recon: the perceptual metric, named <variant>_<net> in the report: the bundled "
+        "shift-tolerant LPIPS (stlpips_*) or standard LPIPS v0.1 (lpips_*, its files on disk: "
+        "--lpips-weights, --lpips-trunk-weights) (default: %(default)s)",
+    )
+    p.add_argument("--lpips-weights", metavar="PATH", help="--recon: weights of --perceptual (see train-vae)")
+    p.add_argument("--lpips-trunk-weights", metavar="PATH", help="--recon: torchvision trunk of lpips_*")
+    p.add_argument(
+        "--judge",
+        action="store_true",
+        help="--recon on the embedded data (fashion-mnist, shapes): also rFD_<judge>, in the features of the "
+        "independent judge the demo and the study report (trained once, cached)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "reference", "eval"),
+        help="the embedded data's part (fashion-mnist, shapes): train, or a held-out part as the demo and "
+        "the study use it: reference (test images 0-4999), eval (5000-9999, their reconstructions) "
+        "(default: the training images)",
+    )
+    p.add_argument(
+        "--judge-epochs",
+        type=positive_int,
+        default=3,
+        help="--judge: its training epochs (default: %(default)s)",
+    )
+    p.add_argument("--judge-images", type=positive_int, help="--judge: its training images (default: all)")
     p.add_argument("--output-json", metavar="JSON", help="--recon: write the metrics here as JSON")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
 
 
-# -- helpers -------------------------------------------------------------------------------------------------
+# -- the three modes: options -> the evaluation engine ------------------------------------------------------
 
 
-def _fid_note() -> str:
-    from ..metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
+def _embedded(args: argparse.Namespace):
+    from ..data.embedded import resolve
 
-    return (
-        f"FID, sFID, IS and precision/recall need the FID Inception weights {WEIGHTS_FILE} "
-        f"({WEIGHTS_URL}); pass --inception-weights PATH or --allow-download. Reported instead: the "
-        "Frechet distance in teacher features, which is not FID."
-    )
-
-
-def _inception_weights(args: argparse.Namespace) -> str | None:
-    """--inception-weights, else the file in the hub cache, else a download if allowed, else None."""
-    from ..metrics.inception import cached_weights_path, download_weights
-
-    if args.inception_weights:
-        return args.inception_weights
-    cached = cached_weights_path()
-    if not cached.is_file() and args.allow_download:
-        download_weights(cached)
-    if cached.is_file():
-        print(f"FID Inception weights: {cached}", file=sys.stderr)
-        return str(cached)
-    return None
-
-
-def _feature_extractor(args: argparse.Namespace, resolution: int):
-    from ..metrics.features import FeatureExtractor
-
-    return FeatureExtractor(
-        args.enc_type,
-        weights=args.teacher_weights,
-        resolution=resolution,
-        device=resolve_device(args.device),
-        batch_size=args.batch_size,
-    )
+    return resolve(args.data, args.data_path, args.resolution, fallback=False)
 
 
 def _dataset(args: argparse.Namespace):
     from ..data import build_dataset
     from ..data.config import DataConfig
+    from ..data.embedded import EMBEDDED
 
     if args.data is None:
         raise ValueError(
@@ -157,7 +161,14 @@ def _dataset(args: argparse.Namespace):
         cfg.shapes_length = args.num_images
     if args.data_path is not None and not Path(args.data_path).exists():
         raise FileNotFoundError(f"--data-path {args.data_path} does not exist")
-    ds = build_dataset(cfg, seed=args.seed)
+    if args.split is not None:
+        if args.data not in EMBEDDED:
+            raise ValueError(
+                f"--split names a part of the embedded data ({', '.join(EMBEDDED)}), not of {args.data}"
+            )
+        ds = _embedded(args).split(args.split)
+    else:
+        ds = build_dataset(cfg, seed=args.seed)
     if len(ds) < args.num_images:
         raise ValueError(f"{args.data} has {len(ds)} images, fewer than --num-images {args.num_images}")
     return ds
@@ -170,10 +181,6 @@ def _images(ds, n: int) -> np.ndarray:
     for i in range(n):
         out[i] = np.asarray(ds[i][0]).transpose(1, 2, 0)
     return out
-
-
-def _batches(images: np.ndarray, size: int):
-    return (images[i : i + size] for i in range(0, len(images), size))
 
 
 def _report(metrics: dict[str, Any], path: Path | None) -> None:
@@ -190,90 +197,23 @@ def _report(metrics: dict[str, Any], path: Path | None) -> None:
         print(f"wrote {path}")
 
 
-# -- the three modes -----------------------------------------------------------------------------------------
+def _judge_space(args: argparse.Namespace, device: torch.device):
+    """The embedded data's judge (evaluation/judge.py) for --judge: the demo's and the study's rFD space."""
+    from ..data.embedded import EMBEDDED
+    from ..evaluation.judge import JudgeRecipe, load_judge
 
-
-def evaluate_sample_batch(args: argparse.Namespace) -> dict[str, Any]:
-    """FID & co. with the Inception weights, else FD_<teacher>, of SAMPLES against --ref."""
-    from ..metrics.adm import ReferenceBatchError, evaluate_samples, load_batch
-
-    if args.ref is None:
-        raise ValueError("evaluating samples needs a reference batch: pass --ref REF.npz (see --make-ref)")
-    out: dict[str, Any] = {"samples": str(Path(args.samples).resolve()), "ref": str(Path(args.ref).resolve())}
-    weights = _inception_weights(args)
-    if weights:
-        from ..metrics.inception import load_fid_inception
-
-        net = load_fid_inception(weights, resolve_device(args.device))
-        m = evaluate_samples(
-            args.samples,
-            args.ref,
-            net,
-            batch_size=args.batch_size,
-            is_split_size=args.is_split_size,
-            is_splits=args.is_splits,
-            pr_distance_dtype=args.pr_distance_dtype,
-        )
-        names = {
-            "fid": "FID",
-            "sfid": "sFID",
-            "inception_score": "IS",
-            "is_splits": "IS_splits",
-            "is_split_sizes": "IS_split_sizes",
-        }
-        return {**out, **{names.get(k, k): v for k, v in m.items()}}
-
-    samples, ref = load_batch(args.samples), load_batch(args.ref)
-    if "arr_0" not in samples:
-        raise ReferenceBatchError(f"{args.samples} has no sample images (arr_0)")
-    if "arr_0" not in ref:
-        raise ReferenceBatchError(
-            f"{args.ref} holds only Inception statistics; FD_{args.enc_type} needs its images (arr_0)"
-        )
-    s, r = samples["arr_0"], ref["arr_0"]
-    if s.shape[1:] != r.shape[1:]:
-        raise ReferenceBatchError(
-            f"sample images {s.shape[1:]} and reference images {r.shape[1:]} differ in size; "
-            "evaluate at the reference's resolution"
-        )
-    print(_fid_note(), file=sys.stderr)
-    fx = _feature_extractor(args, s.shape[1])
-    fd = fx.frechet_distance(_batches(r, args.batch_size), _batches(s, args.batch_size))
-    return {**out, fx.metric_name: fd, "n": int(len(s)), "n_ref": int(len(r)), "note": _fid_note()}
-
-
-def make_reference(args: argparse.Namespace) -> dict[str, Any]:
-    """Write --make-ref: arr_0, plus mu/sigma/mu_s/sigma_s when the Inception weights are given."""
-    from ..metrics.adm import compute_reference, save_batch
-
-    out = Path(args.make_ref)
-    if out.suffix != ".npz":
-        raise ValueError(f"--make-ref must name an .npz file, got {out}")
-    images = _images(_dataset(args), args.num_images)
-    weights = _inception_weights(args)
-    if weights:
-        from ..metrics.inception import load_fid_inception
-
-        net = load_fid_inception(weights, resolve_device(args.device))
-        batch = compute_reference(images, net, batch_size=args.batch_size)
-    else:
-        batch = {"arr_0": images}
-        print(
-            "no --inception-weights: the reference holds images only (FID statistics are then computed "
-            "from them at evaluation time)",
-            file=sys.stderr,
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_batch(out, batch)
-    print(f"wrote {out}: {', '.join(f'{k} {v.shape}' for k, v in batch.items())}")
-    return {"reference": str(out.resolve()), "n": int(len(images)), "keys": sorted(batch)}
+    if args.data not in EMBEDDED:
+        raise ValueError(f"--judge needs the embedded data (--data {' or '.join(EMBEDDED)}), not {args.data}")
+    recipe = JudgeRecipe(epochs=args.judge_epochs, train_images=args.judge_images)
+    return load_judge(_embedded(args), recipe, device=device)
 
 
 def evaluate_reconstructions(args: argparse.Namespace) -> dict[str, Any]:
-    """rFID (or FD_<teacher>), PSNR, SSIM and LPIPS of the VAE's reconstructions of --data images."""
-    from ..losses.lpips import build_lpips
-    from ..metrics.frechet import StatsAccumulator, frechet_distance
-    from ..metrics.recon import ReconMetrics, reconstruct
+    """rFID (or rFD_<teacher>), PSNR, SSIM and the perceptual metric of --vae's reconstructions of --data."""
+    from ..evaluation.reconstruction import InceptionSpace, perceptual_net, score_reconstructions
+    from ..evaluation.sample_batch import fid_note, resolve_inception_weights
+    from ..metrics.features import FeatureExtractor
+    from ..metrics.inception import load_fid_inception
     from ..models.vae_io import load_vae
 
     if args.vae is None:
@@ -282,36 +222,31 @@ def evaluate_reconstructions(args: argparse.Namespace) -> dict[str, Any]:
     ds = _dataset(args)
     torch.manual_seed(0)  # a preset (random weights) is the same VAE every run
     vae = load_vae(args.vae, config=args.vae_config).eval().requires_grad_(False)
-    metrics = ReconMetrics(build_lpips().to(device))
-
-    weights = _inception_weights(args)
+    weights = resolve_inception_weights(args.inception_weights, args.allow_download)
+    spaces: list[Any] = []
     if weights:
-        from ..metrics.inception import load_fid_inception
-
-        net = load_fid_inception(weights, device)
-        fd_name, fx = "rFID", None
+        spaces.append(InceptionSpace(load_fid_inception(weights, device), device))
     else:
-        print(_fid_note(), file=sys.stderr)
-        net, fx = None, _feature_extractor(args, args.resolution)
-        fd_name = fx.metric_name
-    acc_real, acc_fake = StatsAccumulator(), StatsAccumulator()
-    for x, y in reconstruct(vae, ds, args.num_images, args.batch_size, device):
-        metrics.update(x, y)
-        for acc, imgs in ((acc_real, x), (acc_fake, y)):
-            if net is not None:
-                with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                    acc.update(net(imgs.to(device))["pool"])
-            else:
-                assert fx is not None  # made when there is no Inception network
-                acc.update(fx.features(imgs))
-    fd = frechet_distance(*acc_fake.finalize(), *acc_real.finalize())
-    out = {"vae": str(args.vae), "data": args.data, "n": args.num_images, fd_name: fd, **metrics.result()}
-    if net is None:
-        out["note"] = _fid_note()
+        print(fid_note(), file=sys.stderr)
+        fx = FeatureExtractor(
+            args.enc_type, args.teacher_weights, args.resolution, device=device, batch_size=args.batch_size
+        )
+        spaces.append(fx)
+    if args.judge:
+        spaces.append(_judge_space(args, device))
+    perceptual = None if args.perceptual == "none" else args.perceptual
+    net = perceptual_net(perceptual, args.lpips_weights, args.lpips_trunk_weights) if perceptual else None
+    scores = score_reconstructions(vae, ds, args.num_images, perceptual=perceptual, perceptual_module=net,
+                                   spaces=spaces, device=device, batch_size=args.batch_size)  # fmt: skip
+    out = {"vae": str(args.vae), "data": args.data, **scores.metrics}
+    if not weights:
+        out["note"] = fid_note()
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.sample_batch import make_reference, resolve_inception_weights, score_sample_batch
+
     modes = [
         m
         for m, on in (("SAMPLES", args.samples), ("--make-ref", args.make_ref), ("--recon", args.recon))
@@ -327,12 +262,36 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--is-split-size", args.is_split_size), ("--is-splits", args.is_splits)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    device = resolve_device(args.device)
     if args.samples:
-        metrics = evaluate_sample_batch(args)
+        if args.ref is None:
+            raise ValueError(
+                "evaluating samples needs a reference batch: pass --ref REF.npz (see --make-ref)"
+            )
+        metrics = score_sample_batch(
+            args.samples,
+            args.ref,
+            inception_weights=resolve_inception_weights(args.inception_weights, args.allow_download),
+            teacher=args.enc_type,
+            teacher_weights=args.teacher_weights,
+            batch_size=args.batch_size,
+            is_split_size=args.is_split_size,
+            is_splits=args.is_splits,
+            pr_distance_dtype=args.pr_distance_dtype,
+            device=device,
+        )
         path = Path(args.samples)
         _report(metrics, path.with_name(path.name.removesuffix(".npz") + ".metrics.json"))
     elif args.make_ref:
-        make_reference(args)
+        if Path(args.make_ref).suffix != ".npz":
+            raise ValueError(f"--make-ref must name an .npz file, got {args.make_ref}")
+        make_reference(
+            _images(_dataset(args), args.num_images),
+            args.make_ref,
+            inception_weights=resolve_inception_weights(args.inception_weights, args.allow_download),
+            batch_size=args.batch_size,
+            device=device,
+        )
     else:
         metrics = evaluate_reconstructions(args)
         _report(metrics, Path(args.output_json) if args.output_json else None)

@@ -3,7 +3,7 @@
     ref = ImageSet.take(data.split("reference"), 1000)
     scorer = Scorer(judge, ref, teacher_fx)           # reference statistics computed once
     scorer.samples(images, labels)                     # {fd_judge, class_accuracy, per_class, fd_teacher}
-    rec = scorer.reconstructions(vae, data.split("eval"), 1000, lpips)   # + psnr, ssim, lpips_<net>
+    rec = scorer.reconstructions(vae, data.split("eval"), 1000)  # + psnr, ssim, stlpips_alex, rFD_<space>
 
 Every key names its feature space or network: ``fd_judge`` (FD in the judge's penultimate features,
 reported as FD_<judge>), ``fd_teacher`` (FD in the teacher's pooled features, FD_<teacher>), and the
@@ -13,36 +13,13 @@ are comparable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..metrics.frechet import feature_statistics, frechet_distance
-from ..metrics.recon import ReconMetrics, reconstruct
+from .images import ImageSet
 from .judge import Judge
-
-
-@dataclass
-class ImageSet:
-    """uint8 images (N, 3, H, W) with their class labels (N,)."""
-
-    images: torch.Tensor
-    labels: np.ndarray
-
-    @classmethod
-    def take(cls, dataset, n: int, start: int = 0) -> ImageSet:
-        """Items start..start+n-1 of a `(uint8 (3, H, W), label)` dataset."""
-        if start + n > len(dataset):
-            raise ValueError(f"asked for {n} images from {start}, but the set has {len(dataset)}")
-        items = [dataset[i] for i in range(start, start + n)]
-        return cls(torch.stack([torch.as_tensor(x) for x, _ in items]), np.array([int(y) for _, y in items]))
-
-    @classmethod
-    def from_npz(cls, path) -> ImageSet:
-        """An ADM sample batch: arr_0 uint8 (N, H, W, 3), arr_1 labels (N,)."""
-        with np.load(path) as z:
-            return cls(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).contiguous(), np.asarray(z["arr_1"]))
+from .reconstruction import score_reconstructions
 
 
 class Scorer:
@@ -76,22 +53,18 @@ class Scorer:
         vae,
         dataset,
         n: int,
-        lpips=None,
-        lpips_name: str = "stlpips_alex",
+        perceptual: str | None = "stlpips_alex",
         device: str | torch.device = "cpu",
         batch_size: int = 64,
+        teacher: bool = True,
     ) -> tuple[dict, ImageSet, ImageSet]:
-        """Reconstruct the first n images of `dataset` (posterior mean) and score them: the `samples` scores
-        (rFD in both spaces, class accuracy), PSNR, SSIM, LPIPS as `lpips_name`; also the image sets."""
-        metrics = ReconMetrics(lpips)
-        originals, recons = [], []
-        for x, y in reconstruct(vae, dataset, n, batch_size, device):
-            metrics.update(x, y)
-            originals.append(x)
-            recons.append(y)
-        labels = np.array([int(dataset[i][1]) for i in range(n)])
-        orig, rec = ImageSet(torch.cat(originals), labels), ImageSet(torch.cat(recons), labels)
-        m = metrics.result()
-        if "lpips" in m:
-            m[lpips_name] = m.pop("lpips")
-        return {**self.samples(rec.images, labels), **m}, orig, rec
+        """Reconstruct the first n images of `dataset` (posterior mean) and score them: the reconstruction
+        metrics of the evaluation engine (`reconstruction.score_reconstructions`: PSNR, SSIM, the perceptual
+        metric under its name, rFD_<judge> to the originals) and the `samples` scores of the reconstructions
+        against the reference (fd_judge, class accuracy, fd_teacher: what samples are compared with); also
+        the image sets."""
+        r = score_reconstructions(
+            vae, dataset, n, perceptual=perceptual, spaces=[self.judge], device=device, batch_size=batch_size
+        )
+        judged = self.samples(r.recons.images, r.recons.labels, teacher=teacher)
+        return {**judged, **r.metrics}, r.originals, r.recons

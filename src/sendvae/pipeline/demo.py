@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import to_dict
-from .demo_config import DemoConfig
+from .demo_config import PERCEPTUAL, DemoConfig
 from .stages import Stages
 
 # the config sections each stage depends on, with those of every stage before it (a rerun with other
@@ -232,7 +232,6 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     images (the floor), the VAE's reconstructions (its ceiling) and the samples; PSNR / SSIM / LPIPS."""
     from ..evaluation.judge import load_judge
     from ..evaluation.scoring import ImageSet, Scorer
-    from ..losses.lpips import build_lpips
     from ..metrics.features import FeatureExtractor
     from ..models.vae_io import load_vae
     from ..runtime.distributed import resolve_device
@@ -245,9 +244,7 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     scorer = Scorer(judge, ImageSet.take(emb.split("reference"), e.ref_images), fx)
     held_out = emb.split("eval")  # images no stage trained on, other than the reference
     vae = load_vae(vae_export).to(device)
-    recon, orig, rec = scorer.reconstructions(
-        vae, held_out, e.ref_images, build_lpips(net="alex").to(device), "stlpips_alex", device
-    )
+    recon, orig, rec = scorer.reconstructions(vae, held_out, e.ref_images, PERCEPTUAL, device)
     k = min(16, len(orig.images))
     save_image_grid(
         torch.cat([orig.images[:k], rec.images[:k]]), root / "figures" / "reconstructions.png", nrow=k

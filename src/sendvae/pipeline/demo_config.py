@@ -34,6 +34,9 @@ from ..align.names import NAMES, PAPER
 from ..config import option
 from ..data.embedded import EMBEDDED
 
+# The perceptual metric of the demo and the study (evaluation.reconstruction: the key names the network): the
+# bundled shift-tolerant LPIPS on AlexNet, offline and cheap at 32 px.
+PERCEPTUAL = "stlpips_alex"
 
 @dataclass
 class DemoData:

@@ -30,6 +30,7 @@ from ..align.names import paper_align_weight
 from ..config import to_dict
 from ..evaluation.scoring import ImageSet, Scorer
 from .demo import cache_stage, judge_recipe, train_sit_stage, train_vae_stage
+from .demo_config import PERCEPTUAL
 from .stages import Stages
 from .study_config import StudyConfig
 
@@ -123,7 +124,7 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, em
     device = resolve_device(cfg.base.device)
     vae = load_vae(vae_export).to(device)
     n = cfg.base.eval.ref_images
-    scores, orig, rec = scorer.reconstructions(vae, emb.split("eval"), n, device=device)
+    scores, orig, rec = scorer.reconstructions(vae, emb.split("eval"), n, PERCEPTUAL, device=device)
     per_image = psnr(orig.images, rec.images).double().numpy()
     _, per = _judged(scorer, rec.images, rec.labels, teacher=False)
     _save_scores(root / "recon.npz", feats=per["feats"], hits=per["hits"], psnr=per_image)
@@ -149,6 +150,8 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, em
         "recon_class_accuracy": scores["class_accuracy"],
         "psnr": scores["psnr"],
         "ssim": scores["ssim"],
+        PERCEPTUAL: scores[PERCEPTUAL],
+        f"r{scorer.judge_metric}": scores[f"r{scorer.judge_metric}"],  # to the originals: standard rFD
         "probe": probe,
         "score": score,
     }
