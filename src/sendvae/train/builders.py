@@ -23,6 +23,7 @@ from ..losses.lpips import (
 from ..models.discriminator import NLayerDiscriminator, load_discriminator
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
+from ..teachers.config import build_from_config
 from .latent_init import device_of, initial_latent_stats
 
 if TYPE_CHECKING:
@@ -51,19 +52,8 @@ def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
 
 
 def build_teacher_for(cfg: TrainVAEConfig, device: torch.device) -> Teacher:
-    from ..teachers import build_teacher
-
-    t = cfg.teacher
-    opts = {"input_size": t.input_size} if t.input_size else {}
-    teacher = build_teacher(
-        t.enc_type,
-        weights=t.weights,
-        resolution=cfg.data.resolution,
-        random_init=t.random_init,
-        allow_download=t.allow_download,
-        **opts,
-    )
-    return teacher.to(device)
+    """The ``--teacher.*`` teacher for ``--data.resolution`` images, on ``device``."""
+    return build_from_config(cfg.teacher, cfg.data.resolution, device)
 
 
 def build_head(

@@ -30,6 +30,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.hardware import measured_matmul_tflops
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
+from ..teachers.config import build_from_config
 from .common import (
     BufferGuard,
     accumulate_terms,
@@ -128,23 +129,16 @@ class SiTTrainer(TrainerBase):
         self.repa = cfg.transport.proj_coeff > 0
         store = LatentStore(cfg.data.store)
         self.teacher = None
-        if self.repa and cfg.data.teacher:  # online: the teacher sees the store's source images each step
-            from ..teachers import build_teacher
-
+        if self.repa and cfg.teacher.enc_type:  # online: the teacher sees the store's source images each step
             res = int(store.manifest["resolution"])
-            self.teacher = build_teacher(
-                cfg.data.teacher,
-                weights=cfg.data.teacher_weights,
-                resolution=res,
-                random_init=cfg.data.teacher_random_init,
-            ).to(dev)
+            self.teacher = build_from_config(cfg.teacher, res, dev)
             feat = (math.prod(self.teacher.grid_size(res)), self.teacher.embed_dim)
         elif self.repa:
             if store.feature_shape is None:
                 raise ValueError(
                     f"REPA needs teacher features, and {cfg.data.store} has none: cache the latents "
-                    "again (`sendvae cache-latents --enc-type NAME`), run the teacher online (--data.teacher "
-                    "NAME), or train without REPA (--proj-coeff 0)"
+                    "again (`sendvae cache-latents --enc-type NAME`), run the teacher online "
+                    "(--teacher.enc_type NAME), or train without REPA (--proj-coeff 0)"
                 )
             feat = store.feature_shape
         self.store = LatentStore(cfg.data.store, with_features=self.repa and self.teacher is None)
@@ -323,7 +317,7 @@ class SiTTrainer(TrainerBase):
         if self._proxy_fd is None:
             assert self.vae is not None  # __init__ requires the VAE when fd_every is set
             self._proxy_fd = ProxyFD(
-                self.store, self.stats, self.vae, e.fd_samples, e.fd_teacher, e.fd_teacher_weights,
+                self.store, self.stats, self.vae, e.fd_samples, e.fd_teacher,
                 self.device, seed=self.cfg.run.seed,
             )  # fmt: skip
         sample = ema_sampler(self.ema, self.model_cfg.num_classes, e.fd_steps, e.fd_cfg_scale)

@@ -10,11 +10,14 @@ Presets (``--preset``):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import PresetRegistry, option, positive, unit_interval
 from ..diffusion.transport import TransportConfig
 from ..models.sit import SIT_MODELS
+from ..teachers.config import TeacherConfig, embedded_teacher
 from .common import RunConfig, batch_size_option, grad_accum_option
 
 
@@ -24,13 +27,6 @@ class SiTDataConfig:
     num_workers: int = option(4, "DataLoader worker processes per rank", min=0)
     hflip: bool = option(True, "draw the latent of the image or of its mirror at random (both are cached)")
     sample_posterior: bool = option(True, "z = mean + std * eps (True) or the posterior mean (False)")
-    teacher: str | None = option(
-        None,
-        "REPA teacher run online on the store's source images (default: use "
-        "the teacher features cached in the store)",
-    )
-    teacher_weights: str | None = option(None, "local weights for the online teacher")
-    teacher_random_init: bool = option(False, "online teacher with random weights (tests, benchmarks)")
 
 
 @dataclass
@@ -88,8 +84,9 @@ class SiTEvalConfig:
         min=0,
     )
     fd_samples: int = option(1000, "samples (and reference latents) per proxy FD", min=2)
-    fd_teacher: str = option("efficientnet-lite0", "teacher whose pooled features give the proxy FD")
-    fd_teacher_weights: str | None = option(None, "weights file/folder of --eval.fd_teacher")
+    fd_teacher: TeacherConfig = option(
+        embedded_teacher(), "the teacher whose pooled features give the proxy FD (--eval.fd_teacher.*)"
+    )
     fd_steps: int = option(32, "Euler ODE steps of the proxy FD samples", min=1)
     fd_cfg_scale: float = option(1.0, "guidance scale of the proxy FD samples")
 
@@ -110,11 +107,31 @@ class TrainSiTConfig:
     preset: str = option("custom", "name of the preset this config started from")
     run: RunConfig = option(RunConfig(), "run")
     data: SiTDataConfig = option(SiTDataConfig(), "data")
+    teacher: TeacherConfig = option(
+        TeacherConfig(enc_type=None),
+        "REPA's teacher run online on the store's source images (--teacher.enc_type NAME; none: the teacher "
+        "features cached in the store)",
+    )
     model: SiTModelConfig = option(SiTModelConfig(), "model")
     transport: TransportConfig = option(TransportConfig(), "transport")
     optim: SiTOptimConfig = option(SiTOptimConfig(), "optim")
     eval: SiTEvalConfig = option(SiTEvalConfig(), "eval")
     latents: SiTLatentsConfig = option(SiTLatentsConfig(), "latent statistics (recorded at step 0)")
+
+    @staticmethod
+    def upgrade(data: dict[str, Any], fmt: int) -> dict[str, Any]:
+        """A config saved in layout ``fmt`` -> the current one. Layout 1 spelled the teachers as
+        data.teacher / teacher_weights / teacher_random_init and eval.fd_teacher / fd_teacher_weights."""
+        if fmt >= 2:
+            return data
+        data = copy.deepcopy(data)
+        d, e = data.get("data"), data.get("eval")
+        if isinstance(d, dict) and "teacher" in d:
+            data["teacher"] = {"enc_type": d.pop("teacher"), "weights": d.pop("teacher_weights", None),
+                               "random_init": d.pop("teacher_random_init", False)}  # fmt: skip
+        if isinstance(e, dict) and isinstance(e.get("fd_teacher"), (str, type(None))):
+            e["fd_teacher"] = {"enc_type": e.pop("fd_teacher"), "weights": e.pop("fd_teacher_weights", None)}
+        return data
 
 
 PRESETS = PresetRegistry("train-sit")

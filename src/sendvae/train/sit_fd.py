@@ -26,6 +26,7 @@ from ..models.latent_stats import LatentStats
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
+    from ..teachers.config import TeacherConfig
 
 
 class ProxyFD:
@@ -37,8 +38,7 @@ class ProxyFD:
         stats: LatentStats,
         vae: AutoencoderKL,
         num_samples: int,
-        teacher: str,
-        teacher_weights: str | None,
+        teacher: TeacherConfig,
         device: torch.device,
         batch_size: int = 64,
         seed: int = 0,
@@ -48,9 +48,11 @@ class ProxyFD:
         self.store, self.stats, self.vae, self.device, self.batch_size = store, stats, vae, device, batch_size
         self.n = min(num_samples, len(store))
         res = store.manifest["dataset"]["resolution"]
-        self.fx = FeatureExtractor(
-            teacher, teacher_weights, resolution=res, device=device, batch_size=batch_size
-        )
+        if teacher.enc_type is None:
+            raise ValueError("--eval.fd_teacher.enc_type: the proxy FD needs a teacher (see `sendvae info`)")
+        opts = {"input_size": teacher.input_size} if teacher.input_size else {}
+        self.fx = FeatureExtractor(teacher.enc_type, teacher.weights, res, teacher.random_init, device,
+                                   batch_size, allow_download=teacher.allow_download, **opts)  # fmt: skip
         self.metric_name = self.fx.metric_name
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(self.n, *store.latent_shape, generator=g)  # fixed across evaluations

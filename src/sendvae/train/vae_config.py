@@ -28,6 +28,7 @@ from ..align.names import NAMES, PAPER, alignment_help, paper_align_weight
 from ..align.repae import JointSiTConfig
 from ..config import PresetRegistry, option, positive, unit_interval
 from ..data.config import DataConfig
+from ..teachers.config import TeacherConfig
 from .common import RunConfig, batch_size_option, grad_accum_option
 
 
@@ -46,19 +47,6 @@ class ModelConfig:
         "the SiT in the backward pass (less memory, ~1 more forward)",
     )
     sample_posterior: bool = option(True, "decode z ~ q(z|x) (True) or the posterior mean (False)")
-
-
-@dataclass
-class TeacherConfig:
-    enc_type: str = option("dinov2-vit-b", "teacher vision foundation model (see `sendvae info`)")
-    weights: str | None = option(None, "local weights file/folder for the teacher")
-    random_init: bool = option(False, "random teacher weights (tests and benchmarks only)")
-    allow_download: bool = option(False, "let timm/HF download the teacher weights (needs network)")
-    input_size: int | None = option(
-        None,
-        "teacher input side in pixels (default: the teacher's rule, 224 x res / 256 for patch-14 ViTs)",
-        min=1,
-    )
 
 
 @dataclass
