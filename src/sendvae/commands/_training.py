@@ -9,7 +9,11 @@ config field is also an option ``--section.field``. The config starts from ``--p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from ..config import (
     apply_overrides,
     field_help,
     field_of,
+    format_config,
     get_value,
     iter_fields,
     load_config,
@@ -26,6 +31,7 @@ from ..config import (
     overrides_from_args,
     validate,
 )
+from ..runtime.distributed import resolve_device
 
 # option string(s), the first the one shown -> (config key, help)
 Aliases = dict[str | tuple[str, ...], tuple[str, str]]
@@ -99,7 +105,23 @@ def add_training_arguments(
     for old, new in RENAMED.items():  # refused with a hint (`resolve_config`), not listed in --help
         if any(name == new for name, _, _ in iter_fields(cfg_cls)):
             p.add_argument(f"--{old}", dest=f"renamed:{old}", metavar="X", help=argparse.SUPPRESS)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config (stdout, JSON), then the split of the global batch and the memory "
+        "estimate per process (stderr), and exit",
+    )
+    p.add_argument(
+        "--memory-estimate",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help=field_help(
+            "with --dry-run, measure the memory per process on the run's device (a warm-up and two small "
+            "steps, random weights): auto = on a GPU, where it takes seconds (on a CPU a paper-sized model "
+            "takes minutes and its full size in host memory)",
+            "auto",
+        ),
+    )
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
     add_config_arguments(
         p,
@@ -140,3 +162,27 @@ def resolve_config(
         cfg.run.exp_name = cfg.preset
     validate(cfg)  # a preset's values meet the rules a flag or a file is held to
     return cfg
+
+
+def dry_run(cfg: Any, args: argparse.Namespace, estimate: Callable[[Any], Any]) -> int:
+    """``--dry-run``: the resolved config on stdout; on stderr the split of the global batch for the number of
+    processes torchrun gives (1 without it) and, per ``--memory-estimate``, the memory per process that
+    ``estimate(cfg)`` measures (`train.memory`)."""
+    from ..train import memory  # the trainers: imported only when asked (CLI start-up time)
+
+    print(format_config(cfg))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    est, why = None, ""
+    on_gpu = resolve_device(cfg.run.device).type == "cuda"
+    if args.memory_estimate == "yes" or (args.memory_estimate == "auto" and on_gpu):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout holds the config alone
+                est = estimate(cfg)
+        except ValueError as e:  # e.g. train-sit without its latent store
+            why = f"memory estimate: not made ({e})"
+    elif args.memory_estimate == "auto":
+        why = "memory estimate: on a CPU only with --memory-estimate yes (it measures steps on this device)"
+    print(memory.describe(est, cfg.optim.batch_size, cfg.optim.grad_accum, world), file=sys.stderr)
+    if why:
+        print(why, file=sys.stderr)
+    return 0

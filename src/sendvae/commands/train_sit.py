@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..train.run import run_training
-from ._training import Aliases, add_training_arguments
+from ._training import Aliases, add_training_arguments, dry_run
 from ._training import resolve_config as _resolve
 
 NAME = "train-sit"
@@ -43,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args, PRESETS, TrainSiTConfig, DEFAULT_PRESET)
     if args.dry_run:
-        from ..config import format_config
+        from ..train.memory import estimate_train_sit
 
-        print(format_config(cfg))
-        return 0
+        return dry_run(cfg, args, estimate_train_sit)
     if args.enc_type and cfg.data.store:
         from ..data.latent_store import read_manifest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..train.run import run_training
-from ._training import Aliases, add_training_arguments
+from ._training import Aliases, add_training_arguments, dry_run
 from ._training import resolve_config as _resolve
 
 NAME = "train-vae"
@@ -63,10 +63,9 @@ def _make_trainer(cfg, dist, run_dir, log):
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.dry_run:
-        from ..config import format_config
+        from ..train.memory import estimate_train_vae
 
-        print(format_config(cfg))
-        return 0
+        return dry_run(cfg, args, estimate_train_vae)
     from ..train.export import export_run
 
     return run_training(cfg, _make_trainer, export_run)
