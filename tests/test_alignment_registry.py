@@ -287,6 +287,7 @@ def test_variant_names_live_in_align_and_the_presets():
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and node.value in names and OTHER_MEANINGS.get(rel) != node.value:
+            named = isinstance(node, ast.Constant) and node.value in names
+            if named and OTHER_MEANINGS.get(rel) != node.value:
                 found.append(f"{rel}:{node.lineno} {node.value!r}")
     assert not found, f"read the variant from align.names instead: {found}"

@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_and_resumes_after_a_kill(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert all(f"[{name}] done earlier" in err for name in STAGES)
-    assert main([*argv, "--vae.steps", "31"]) != 0
+    assert main([*argv, "--vae.optim.max_steps", "31"]) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert "stage 'pretrain' finished earlier with other settings (vae)" in lines[-1]
     assert not any("Traceback" in line for line in lines)
@@ -113,8 +113,9 @@ def test_stage_records_refuse_other_settings(tmp_path):
 @pytest.mark.slow
 def test_gpu_scale_builds_every_stage(tmp_path):
     """The --scale gpu configuration (LPIPS, an 8 x 256 SiT, 128 px teacher), cut to a few steps on CPU."""
-    small = {"--vae.pretrain_steps": 2, "--vae.steps": 2, "--latents.num_images": 32, "--sit.steps": 2,
-             "--sit.batch_size": 8, "--sample.num_samples": 16, "--sample.steps": 2, "--eval.ref_images": 16,
+    small = {"--pretrain_steps": 2, "--vae.optim.max_steps": 2, "--latents.num_images": 32,
+             "--sit.optim.max_steps": 2, "--sit.optim.batch_size": 8, "--sample.num_samples": 16,
+             "--sample.steps": 2, "--eval.ref_images": 16,
              "--eval.probe_train": 48, "--eval.attr_images": 40, "--eval.judge_images": 1024,
              "--eval.judge_epochs": 1}  # fmt: skip
     argv = ["demo", "--scale", "gpu", "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]

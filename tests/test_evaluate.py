@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import sendvae.metrics.adm as adm
 import sendvae.evaluation.reconstruction as reconstruction
+import sendvae.metrics.adm as adm
 from sendvae.cli import main as cli_main
 from sendvae.metrics.features import FeatureExtractor
 from sendvae.metrics.recon import PSNR_MAX, psnr, ssim

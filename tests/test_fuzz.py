@@ -314,7 +314,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("stage", ["bench", "nothing"]),
     ],
     "study": [
-        ("eval-points-0", ["study", "--eval-points", "0", DRY]),
+        ("eval-points-0", ["study", "--eval_points", "0", DRY]),
         ("device", ["study", "--device", "banana", DRY]),
         ("scale", ["study", "--scale", "huge", DRY]),
     ],

@@ -114,8 +114,9 @@ def test_each_variant_trains_with_its_papers_alignment_weight():
     from sendvae.train.vae_config import PRESETS
 
     cfg = study_config("cpu")
-    weights = {v: _variant(cfg, v, 1).vae.align_weight for v in cfg.variants}
+    weights = {v: _variant(cfg, v, 1).vae.loss.align_weight for v in cfg.variants}
     assert weights["vf"] == PRESETS.build("vavae-f16d32").loss.align_weight == 0.1  # VA-VAE
     assert weights["repae"] == PRESETS.build("repae-f16d32").loss.align_weight == 1.5  # REPA-E
     assert weights["sendvae"] == weights["repa"] == weights["none"] == 1.0
-    assert _variant(cfg, "vf", 1).seed == 1 and _variant(cfg, "vf", 1).vae.align == "vf"
+    assert _variant(cfg, "vf", 1).seed == 1 and _variant(cfg, "vf", 1).vae.loss.align == "vf"
+    assert cfg.base.vae.loss.align == "sendvae"  # the base is not changed by a run's config

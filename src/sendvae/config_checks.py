@@ -10,6 +10,7 @@ into an annotated type. The ``check`` functions (``positive``, ``unit_interval``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import re
@@ -46,7 +47,8 @@ def option(
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=meta, **kw)
+        # a deep copy per instance: a nested section's sections are never shared between two configs
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 

@@ -2,7 +2,7 @@
 
     sendvae demo                          # CPU, under 10 minutes, no network -> runs/demo/report.html
     sendvae demo --scale gpu --output-dir runs/demo-gpu
-    sendvae demo --sit.steps 2000         # any stage setting: --SECTION.FIELD (see --help)
+    sendvae demo --sit.optim.max_steps 2000   # any stage setting, in its command's words (see --help)
 
 Runs on Fashion-MNIST (Debian's dataset-fashion-mnist; the procedural shapes where it is absent, said in
 the first line). Trains a Send-VAE, caches latents, trains a SiT with REPA, samples with and without
@@ -22,7 +22,7 @@ HELP = "the whole pipeline on the embedded example (train, cache, SiT, sample, e
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments, device_arg, nonnegative_int
-    from ..pipeline.demo_config import SCALES, DemoConfig, demo_config
+    from ..pipeline.demo_config import OWNED, SCALES, DemoConfig, demo_config
 
     p.add_argument(
         "--scale",
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(
         p,
         DemoConfig,
-        skip={"scale", "seed", "device", "data.path"},
+        skip={"scale", "seed", "device", *OWNED},
         base=demo_config("cpu"),
         title="stage settings, each over the scale's value (defaults shown: cpu's)",
     )
@@ -66,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
         cfg.seed = args.seed
     if args.device is not None:
         cfg.device = args.device
+    d = cfg.vae.data
     if args.data_path is not None:
-        cfg.data.path = args.data_path
-    if args.allow_download and cfg.data.dataset == "fashion-mnist":
+        d.path = args.data_path
+    if args.allow_download and d.name == "fashion-mnist":
         from ..data.embedded import download_fashion_mnist, fashion_mnist_found
 
-        if fashion_mnist_found(cfg.data.path) is not None:
-            cfg.data.path = str(download_fashion_mnist(cfg.data.path or "runs/fashion-mnist"))
+        if fashion_mnist_found(d.path) is not None:
+            d.path = str(download_fashion_mnist(d.path or "runs/fashion-mnist"))
     if args.dry_run:
         print(format_config(cfg))
         return 0

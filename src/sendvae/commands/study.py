@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import device_arg, positive_int
+from ..config import device_arg
 
 NAME = "study"
 HELP = "compare the alignment variants on generation: shared init, same SiT recipe, several seeds"
@@ -23,6 +23,7 @@ HELP = "compare the alignment variants on generation: shared init, same SiT reci
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments
+    from ..pipeline.demo_config import OWNED
     from ..pipeline.study_config import SCALES, StudyConfig, study_config
 
     p.add_argument(
@@ -38,19 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-only", action="store_true", help="run nothing: tabulate the runs that finished so far"
     )
-    base = study_config("cpu")
-    p.add_argument(
-        "--variants", help=f"alignment variants, comma-separated (default: {','.join(base.variants)})"
-    )
-    p.add_argument("--seeds", help=f"seeds, comma-separated (default: {','.join(map(str, base.seeds))})")
-    p.add_argument(
-        "--eval-points", type=positive_int, help=f"SiT checkpoints scored (default: {base.eval_points})"
-    )
-    p.add_argument("--score", help=f"probe score correlated with gFD (default: {base.score})")
     add_config_arguments(
         p,
         StudyConfig,
-        skip={"scale", "variants", "seeds", "eval_points", "score", "claim"},
+        skip={"scale", "claim", "base.scale", "base.device", *(f"base.{k}" for k in OWNED)},
         base=study_config("cpu"),
         title="study settings, each over the scale's value (defaults shown: cpu's)",
     )
@@ -59,19 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import apply_overrides, format_config, overrides_from_args
     from ..pipeline.study import run_study
-    from ..pipeline.study_config import VARIANTS, study_config
+    from ..pipeline.study_config import study_config
 
-    given = {
-        "variants": args.variants,
-        "seeds": args.seeds,
-        "eval_points": args.eval_points,
-        "score": args.score,
-    }
-    overrides = {**{k: v for k, v in given.items() if v is not None}, **overrides_from_args(args)}
-    cfg = apply_overrides(study_config(args.scale), overrides)
-    unknown = set(cfg.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    cfg = apply_overrides(study_config(args.scale), overrides_from_args(args))
     if args.device is not None:
         cfg.base.device = args.device
     if args.dry_run:

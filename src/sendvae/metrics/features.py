@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from sendvae.metrics.frechet import StatsAccumulator, frechet_distance
 from sendvae.teachers import DEFAULT_TEACHER, build_teacher
 
 ImageBatch = np.ndarray | torch.Tensor
+
+if TYPE_CHECKING:
+    from ..teachers.config import TeacherConfig
 
 
 def fd_metric_name(teacher: str) -> str:
@@ -66,6 +70,17 @@ class FeatureExtractor:
         self.device = torch.device(device)
         teacher = build_teacher(name, weights=weights, resolution=resolution, random_init=random_init, **opts)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+
+    @classmethod
+    def from_config(
+        cls, cfg: TeacherConfig, resolution: int, device: str | torch.device = "cpu", batch_size: int = 64
+    ) -> FeatureExtractor:
+        """The extractor of a ``--*.teacher.*`` option (`teachers.config.TeacherConfig`)."""
+        if cfg.enc_type is None:
+            raise ValueError("FD_<teacher> needs a teacher: set its enc_type (see `sendvae info`)")
+        opts: dict = {"input_size": cfg.input_size} if cfg.input_size else {}
+        return cls(cfg.enc_type, cfg.weights, resolution, cfg.random_init, device, batch_size,
+                   allow_download=cfg.allow_download, **opts)  # fmt: skip
 
     @property
     def dim(self) -> int:

@@ -16,6 +16,7 @@ running the demo again continues where it stopped. The sizes per scale are in `p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -31,7 +32,7 @@ from .stages import Stages
 # the config sections each stage depends on, with those of every stage before it (a rerun with other
 # values of these is refused; later sections can change)
 _DEPENDS = {
-    "pretrain": ("seed", "data", "vae"),
+    "pretrain": ("seed", "pretrain_steps", "vae"),
     "vae": (),
     "latents": ("latents",),
     "sit": ("sit",),
@@ -48,66 +49,36 @@ def stage_settings(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     return {k: d[k] for s in _ORDER[: _ORDER.index(stage) + 1] for k in _DEPENDS[s]}
 
 
-def vae_run_config(cfg: DemoConfig, root: Path, init: str | None = None):
-    """train-vae's config for the demo's VAE (the embedded preset, resized): with `init` (a VAE export)
-    the alignment fine-tune from it, else the plain pre-training (ROOT/pretrain)."""
-    from ..train.vae_config import PRESETS
+def _cadence(run, steps: int, ckpt_every: int | None = None, keep: int = 1) -> None:
+    """A stage run's logging and checkpoints: 30 log lines, a checkpoint every third (a third lost at most)"""
+    run.log_every, run.ckpt_every = max(1, steps // 30), ckpt_every or max(1, steps // 3)
+    run.sample_every, run.keep_ckpts = 0, keep
 
-    vc = PRESETS.build("shapes-tiny")
+
+def vae_run_config(cfg: DemoConfig, root: Path, init: str | None = None):
+    """train-vae's config of the demo's VAE: ``cfg.vae`` in ROOT/vae, fine-tuned from `init` (a VAE export);
+    without `init`, the plain pre-training it starts from (ROOT/pretrain: no alignment, pretrain_steps)."""
+    vc = copy.deepcopy(cfg.vae)
     vc.run.output_dir, vc.run.exp_name, vc.run.seed, vc.run.device = str(root), "vae", cfg.seed, cfg.device
-    v, d = cfg.vae, cfg.data
-    vc.run.sample_every, vc.run.keep_ckpts = 0, 1
-    vc.run.stats_images = min(vc.run.stats_images, 256)
     dc = embedded(cfg).data_config()
-    vc.data.name, vc.data.path, vc.data.resolution, vc.data.shapes_scene = (
-        dc.name,
-        dc.path,
-        dc.resolution,
-        d.scene,
-    )
-    vc.data.num_workers = 0
-    vc.model.vae = v.arch
-    vc.teacher.enc_type, vc.teacher.input_size = d.teacher, d.teacher_input
-    vc.mapper.patch_size = v.mapper_patch
-    vc.loss.align, vc.loss.align_weight, vc.loss.lpips_weight = v.align, v.align_weight, v.lpips_weight
-    steps = v.steps
+    vc.data.name, vc.data.path = dc.name, dc.path
     if init is None:  # the plain VAE the alignment starts from: no teacher in its steps
-        vc.run.exp_name, vc.loss.align, steps = "pretrain", "none", v.pretrain_steps
+        vc.run.exp_name, vc.loss.align, vc.optim.max_steps = "pretrain", "none", cfg.pretrain_steps
     else:
         vc.model.vae_ckpt = init
-    vc.run.log_every, vc.run.ckpt_every = max(1, steps // 30), max(1, steps // 3)
-    if v.gan_start is None:
-        vc.loss.gan_weight = 0.0
-    else:
-        vc.loss.gan_start = v.gan_start
-    vc.optim.batch_size, vc.optim.lr, vc.optim.max_steps = (
-        v.batch_size,
-        v.lr,
-        steps,
-    )  # ckpt: a third lost at most
+    _cadence(vc.run, vc.optim.max_steps)
     return vc
 
 
 def sit_run_config(
     cfg: DemoConfig, root: Path, store: Path, vae: Path, ckpt_every: int | None = None, keep: int = 1
 ):
-    """train-sit's config for the demo's SiT (the embedded preset, resized); checkpoints every
-    `ckpt_every` steps (default: a third of the run), the last `keep` kept."""
-    from ..train.sit_config import PRESETS
-
-    sc = PRESETS.build("shapes-tiny")
+    """train-sit's config of the demo's SiT: ``cfg.sit`` in ROOT/sit on `store`, decoding with `vae`;
+    checkpoints every `ckpt_every` steps (default: a third of the run), the last `keep` kept."""
+    sc = copy.deepcopy(cfg.sit)
     sc.run.output_dir, sc.run.exp_name, sc.run.seed, sc.run.device = str(root), "sit", cfg.seed, cfg.device
-    t = cfg.sit
-    sc.run.log_every = max(1, t.steps // 30)
-    sc.run.ckpt_every = ckpt_every or max(1, t.steps // 3)
-    sc.run.sample_every, sc.run.keep_ckpts = 0, keep
-    sc.data.store, sc.data.num_workers, sc.model.vae = str(store), 0, str(vae)
-    m = sc.model
-    m.model, m.depth, m.hidden_size, m.num_heads = t.model, t.depth, t.width, t.heads
-    m.encoder_depth, m.projector_dim, m.ema_decay = t.encoder_depth, t.projector_dim, t.ema
-    sc.transport.proj_coeff = t.proj_coeff
-    o = sc.optim
-    o.batch_size, o.lr, o.warmup_steps, o.max_steps = t.batch_size, t.lr, t.warmup, t.steps
+    sc.data.store, sc.model.vae = str(store), str(vae)
+    _cadence(sc.run, sc.optim.max_steps, ckpt_every, keep)
     return sc
 
 
@@ -116,8 +87,8 @@ def embedded(cfg: DemoConfig):
     shapes, so here the dataset asked for must be there."""
     from ..data.embedded import resolve
 
-    d = cfg.data
-    return resolve(d.dataset, d.path, d.resolution, d.scene, fallback=False)
+    d = cfg.vae.data
+    return resolve(d.name, d.path, d.resolution, d.shapes_scene, fallback=False)
 
 
 def judge_recipe(cfg: DemoConfig):
@@ -145,8 +116,8 @@ def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dic
     run_training(vc, VAETrainer, export_run, echo=False)
     rows = read_stats(root / vc.run.exp_name / "stats.jsonl")
     rec, cos = _last(rows, "rec"), _last(rows, "cos")
-    what = f"plain {cfg.vae.arch} VAE" if init is None else f"{cfg.vae.align} fine-tune"
-    line = f"{what}, {vc.optim.max_steps} steps x {cfg.vae.batch_size}: rec (MSE) {rec:.4f}"
+    what = f"plain {vc.model.vae} VAE" if init is None else f"{vc.loss.align} fine-tune"
+    line = f"{what}, {vc.optim.max_steps} steps x {vc.optim.batch_size}: rec ({vc.loss.recon}) {rec:.4f}"
     return {
         "export": str(root / vc.run.exp_name / "export" / "vae"),
         "rec": rec,
@@ -158,18 +129,18 @@ def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dic
 def cache_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:
     from ..data.caching import cache_latents, teacher_record
     from ..models.vae_io import load_vae
-    from ..teachers import build_teacher
+    from ..teachers.config import build_from_config
 
     vae = load_vae(vae_export)
-    d = cfg.data
-    teacher = build_teacher(d.teacher, resolution=d.resolution, input_size=d.teacher_input)
+    res = cfg.vae.data.resolution
+    teacher = build_from_config(cfg.vae.teacher, res)
     data = embedded(cfg).data_config(cfg.latents.num_images)
     store = cache_latents(
         vae,
         data,
         root / "latents",
         teacher=teacher,
-        teacher_info=teacher_record(teacher, d.resolution),
+        teacher_info=teacher_record(teacher, res),
         seed=cfg.seed,
         vae_source=vae_export,
         device=cfg.device,
@@ -192,13 +163,13 @@ def train_sit_stage(cfg: DemoConfig, root: Path, store: str, vae_export: str, **
     sc = sit_run_config(cfg, root, Path(store), Path(vae_export), **ckpts)
     run_training(sc, SiTTrainer, lambda tr: tr.export(), echo=False)
     rows = read_stats(root / "sit" / "stats.jsonl")
-    den, cos = _last(rows, "denoise"), _last(rows, "cos")
+    den, cos, m = _last(rows, "denoise"), _last(rows, "cos"), sc.model
     return {
         "run": str(root / "sit"),
         "denoise": den,
         "repa_cos": cos,
-        "summary": f"{cfg.sit.model} ({cfg.sit.depth} x {cfg.sit.width}) + REPA, {cfg.sit.steps} steps x "
-        f"{cfg.sit.batch_size}: denoising loss {den:.4f}, REPA cosine {cos:.3f}",
+        "summary": f"{m.model} ({m.depth} x {m.hidden_size}) + REPA, {sc.optim.max_steps} steps x "
+        f"{sc.optim.batch_size}: denoising loss {den:.4f}, REPA cosine {cos:.3f}",
     }
 
 
@@ -238,9 +209,9 @@ def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[s
     from .figures import save_image_grid
 
     device = resolve_device(cfg.device)
-    d, e, emb = cfg.data, cfg.eval, embedded(cfg)
+    e, emb = cfg.eval, embedded(cfg)
     judge = load_judge(emb, judge_recipe(cfg), device=device)
-    fx = FeatureExtractor(d.teacher, resolution=d.resolution, input_size=d.teacher_input, device=device)
+    fx = FeatureExtractor.from_config(cfg.vae.teacher, cfg.vae.data.resolution, device)
     scorer = Scorer(judge, ImageSet.take(emb.split("reference"), e.ref_images), fx)
     held_out = emb.split("eval")  # images no stage trained on, other than the reference
     vae = load_vae(vae_export).to(device)
@@ -312,14 +283,14 @@ def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) ->
 
     report = probe_models(
         root / "probe",
-        vaes=[(f"{cfg.vae.align}-vae", vae_export), (f"random-{cfg.vae.arch}", cfg.vae.arch)],
+        vaes=[(f"{cfg.vae.loss.align}-vae", vae_export), (f"random-{cfg.vae.model.vae}", cfg.vae.model.vae)],
         pixels=True,
         data=embedded(cfg).name,
         data_root=embedded(cfg).path,
         num_images=cfg.eval.attr_images,
-        resolution=cfg.data.resolution,
+        resolution=cfg.vae.data.resolution,
         seed=cfg.seed,
-        shapes_scene=cfg.data.scene,
+        shapes_scene=cfg.vae.data.shapes_scene,
         teacher=None,
         device=cfg.device,
         progress=progress,
@@ -328,7 +299,7 @@ def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) ->
     summary = {k: r["summary"] for k, r in report["results"].items()}
     key, what = (
         ("top5_recall", "attribute top-5 recall")
-        if cfg.data.dataset == "shapes"
+        if embedded(cfg).name == "shapes"
         else ("class_accuracy", "linear class probe accuracy")
     )
     scores = ", ".join(f"{k} {s.get(key, float('nan')):.3f}" for k, s in summary.items())
@@ -349,11 +320,12 @@ def run_demo(
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     st = Stages(root)
-    d = cfg.data
-    emb = resolve(d.dataset, d.path, d.resolution, d.scene)
+    d = cfg.vae.data
+    emb = resolve(d.name, d.path, d.resolution, d.shapes_scene)
     if emb.note:  # Fashion-MNIST is not installed: say so first, run the shapes
         st.echo(f"[data] {emb.note}")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, dataset="shapes"))
+        cfg = copy.deepcopy(cfg)
+        cfg.vae.data.name = "shapes"
     with st.lock():
         st.echo(f"[data] {emb.description}")
         rec: dict[str, Any] = {}

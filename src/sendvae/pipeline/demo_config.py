@@ -1,4 +1,13 @@
-"""What `sendvae demo` runs, per scale (``--scale``): one typed config, a few named sizes.
+"""What `sendvae demo` runs, per scale (``--scale``): the trainers' own configs, a few named sizes.
+
+The demo's config holds the configs of the stages it runs, in their commands' own vocabulary: ``vae`` is
+train-vae's `TrainVAEConfig` of the alignment fine-tune (``--vae.loss.align``, ``--vae.optim.max_steps``,
+``--vae.teacher.enc_type``, ``--vae.data.resolution``, ...; the plain pre-training runs the same config
+with ``--loss.align none`` for ``pretrain_steps``), ``sit`` is train-sit's `TrainSiTConfig`
+(``--sit.model.depth``, ``--sit.optim.max_steps``, ...). The demo sets only what it owns: each run's
+folder, seed, device and logging cadence (`OWNED`); the embedded data is ``vae.data.name`` (fashion-mnist,
+or shapes where it is not installed) at ``vae.data.resolution``. Its own sections are the
+stages no command config describes: latents, sample, eval.
 
 Scales:
   cpu  the default: the whole pipeline in under 10 minutes on a 2-core CPU with no network.
@@ -30,119 +39,109 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..align.names import NAMES, PAPER
+from ..align.names import PAPER
 from ..config import option
-from ..data.embedded import EMBEDDED
+from ..train.sit_config import PRESETS as SIT_PRESETS
+from ..train.sit_config import TrainSiTConfig
+from ..train.vae_config import PRESETS as VAE_PRESETS
+from ..train.vae_config import TrainVAEConfig
+
+# The fields of the trainers' configs the demo sets itself (so they are no options of `sendvae demo`): each
+# run's folder, seed, device and logging cadence, the data folder (--data-path), the VAE a fine-tune starts
+# from and the store and VAE a SiT reads.
+_RUN = ("output_dir", "exp_name", "seed", "device", "log_every", "ckpt_every", "sample_every", "keep_ckpts")
+OWNED = (
+    *(f"{stage}.run.{k}" for stage in ("vae", "sit") for k in _RUN),
+    "vae.data.path", "vae.model.vae_ckpt", "sit.data.store", "sit.model.vae",
+)  # fmt: skip
 
 # The perceptual metric of the demo and the study (evaluation.reconstruction: the key names the network): the
 # bundled shift-tolerant LPIPS on AlexNet, offline and cheap at 32 px.
 PERCEPTUAL = "stlpips_alex"
 
-@dataclass
-class DemoData:
-    dataset: str = option(
-        "fashion-mnist",
-        "embedded dataset: fashion-mnist (real images; the shapes stand in where it is not installed) or "
-        "shapes (procedural, with ground-truth attributes)",
-        choices=EMBEDDED,
-    )
-    path: str | None = option(None, "Fashion-MNIST folder (default: the Debian package's)")
-    resolution: int = option(32, "image side in pixels")
-    scene: str = option(
-        "simple",
-        "shapes scene (full: textures and occluders; simple: one object)",
-        choices=("full", "simple"),
-    )
-    teacher: str = option("efficientnet-lite0", "teacher: alignment, REPA targets, FD features, class probe")
-    teacher_input: int = option(64, "teacher input side in pixels")
+
+def demo_vae() -> TrainVAEConfig:
+    """train-vae's config of the demo's Send-VAE fine-tune (cpu scale): the embedded preset, resized."""
+    c = VAE_PRESETS.build("shapes-tiny")
+    c.data.name, c.data.resolution, c.data.shapes_scene, c.data.num_workers = "fashion-mnist", 32, "simple", 0
+    c.model.vae = "tiny-f4d4"
+    c.teacher.enc_type, c.teacher.input_size = "efficientnet-lite0", 64
+    c.mapper.patch_size = 2
+    c.loss.align, c.loss.align_weight, c.loss.lpips_weight, c.loss.gan_weight = PAPER, 1.0, 0.0, 0.0
+    c.optim.batch_size, c.optim.lr, c.optim.max_steps = 16, 2e-3, 200
+    c.run.sample_every, c.run.keep_ckpts, c.run.stats_images = 0, 1, 256
+    return c
 
 
-@dataclass
-class DemoVAE:
-    arch: str = option("tiny-f4d4", "VAE architecture preset")
-    pretrain_steps: int = option(1000, "steps of the plain VAE (no alignment, no teacher) it starts from")
-    steps: int = option(200, "fine-tuning steps with the alignment (the paper fine-tunes a trained VAE)")
-    batch_size: int = option(16, "batch size")
-    lr: float = option(2e-3, "learning rate")
-    mapper_patch: int = option(2, "mapper patch size on the latent grid")
-    align: str = option(PAPER, "alignment variant (train-vae --loss.align)", choices=NAMES)
-    align_weight: float = option(1.0, "lambda_align")
-    lpips_weight: float = option(0.0, "LPIPS weight in the loss")
-    gan_start: int | None = option(None, "step the discriminator starts (none: no GAN)")
+def demo_sit() -> TrainSiTConfig:
+    """train-sit's config of the demo's SiT (cpu scale): the embedded preset, resized."""
+    c = SIT_PRESETS.build("shapes-tiny")
+    m = c.model
+    m.model, m.depth, m.hidden_size, m.num_heads = "SiT-S/1", 4, 128, 4
+    m.encoder_depth, m.projector_dim, m.ema_decay = 2, 256, 0.995
+    c.transport.proj_coeff = 0.5
+    c.optim.batch_size, c.optim.lr, c.optim.warmup_steps, c.optim.max_steps = 64, 1e-3, 50, 1000
+    c.run.sample_every, c.data.num_workers = 0, 0
+    return c
 
 
 @dataclass
 class DemoLatents:
-    num_images: int = option(2048, "images encoded into the latent store (each with its flip)")
-
-
-@dataclass
-class DemoSiT:
-    model: str = option("SiT-S/1", "SiT size and patch")
-    depth: int = option(4, "blocks")
-    width: int = option(128, "width")
-    heads: int = option(4, "attention heads")
-    encoder_depth: int = option(2, "REPA block")
-    projector_dim: int = option(256, "REPA projector width")
-    steps: int = option(1000, "training steps")
-    batch_size: int = option(64, "batch size")
-    lr: float = option(1e-3, "learning rate")
-    warmup: int = option(50, "warm-up steps")
-    ema: float = option(0.995, "EMA decay")
-    proj_coeff: float = option(0.5, "REPA weight")
+    num_images: int = option(2048, "images encoded into the latent store (each with its flip)", min=2)
 
 
 @dataclass
 class DemoSample:
-    num_samples: int = option(400, "samples per guidance setting (as many of each class)")
-    steps: int = option(16, "Euler ODE steps")
+    num_samples: int = option(400, "samples per guidance setting (as many of each class)", min=2)
+    steps: int = option(16, "Euler ODE steps", min=1)
     cfg_scale: float = option(4.0, "classifier-free guidance scale (also sampled without guidance)")
-    guidance_high: float = option(1.0, "guidance for t <= this")
+    guidance_high: float = option(1.0, "guidance for t <= this", min=0, max=1)
 
 
 @dataclass
 class DemoEval:
-    ref_images: int = option(1000, "held-out real images for FD (and as many reconstructions)")
-    probe_train: int = option(2000, "images the downstream heads train on (the shapes' masks and depth)")
-    attr_images: int = option(2000, "images of the latent probes (class probe; shapes: attribute probes)")
-    judge_images: int | None = option(None, "training images of the judge (none: the whole training split)")
-    judge_epochs: int = option(3, "training epochs of the judge")
+    ref_images: int = option(1000, "held-out real images for FD (and as many reconstructions)", min=2)
+    probe_train: int = option(2000, "images the downstream heads train on (the shapes' masks, depth)", min=2)
+    attr_images: int = option(2000, "images of the latent probes (class probe; shapes: attributes)", min=2)
+    judge_images: int | None = option(None, "training images of the judge (none: the training split)", min=1)
+    judge_epochs: int = option(3, "training epochs of the judge", min=1)
 
 
 @dataclass
 class DemoConfig:
     scale: str = option("cpu", "the scale this config started from")
-    seed: int = option(0, "global seed (data order, initial weights, noise)")
+    seed: int = option(0, "global seed (data order, initial weights, noise)", min=0)
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    data: DemoData = option(DemoData(), "data and teacher")
-    vae: DemoVAE = option(DemoVAE(), "stage vae: the Send-VAE")
+    pretrain_steps: int = option(1000, "steps of the plain VAE (vae's config, no alignment) it tunes", min=1)
+    vae: TrainVAEConfig = option(demo_vae(), "stage vae: train-vae's config of the alignment fine-tune")
     latents: DemoLatents = option(DemoLatents(), "stage latents: the latent store")
-    sit: DemoSiT = option(DemoSiT(), "stage sit: SiT + REPA")
+    sit: TrainSiTConfig = option(demo_sit(), "stage sit: train-sit's config")
     sample: DemoSample = option(DemoSample(), "stage samples")
     eval: DemoEval = option(DemoEval(), "stages evaluate and probe")
 
 
 def _gpu() -> DemoConfig:
-    return DemoConfig(
-        scale="gpu",
-        data=DemoData(teacher_input=128),
-        vae=DemoVAE(pretrain_steps=3000, steps=2000, batch_size=64, lpips_weight=0.1),
-        latents=DemoLatents(num_images=20000),
-        sit=DemoSiT(depth=8, width=256, encoder_depth=4, steps=8000, batch_size=256),
-        sample=DemoSample(num_samples=4000, steps=64),
-        eval=DemoEval(ref_images=5000, probe_train=5000, attr_images=5000),
-    )
+    cfg = DemoConfig(scale="gpu", pretrain_steps=3000)
+    v, s = cfg.vae, cfg.sit
+    v.teacher.input_size = 128
+    v.optim.batch_size, v.optim.max_steps, v.loss.lpips_weight = 64, 2000, 0.1
+    s.model.depth, s.model.hidden_size, s.model.encoder_depth = 8, 256, 4
+    s.optim.batch_size, s.optim.max_steps = 256, 8000
+    cfg.latents = DemoLatents(num_images=20000)
+    cfg.sample = DemoSample(num_samples=4000, steps=64)
+    cfg.eval = DemoEval(ref_images=5000, probe_train=5000, attr_images=5000)
+    return cfg
 
 
 def _ci() -> DemoConfig:
-    return DemoConfig(
-        scale="ci",
-        vae=DemoVAE(pretrain_steps=20, steps=10),
-        latents=DemoLatents(num_images=256),
-        sit=DemoSiT(steps=30, batch_size=32, warmup=5),
-        sample=DemoSample(num_samples=64, steps=8),
-        eval=DemoEval(ref_images=128, probe_train=192, attr_images=200, judge_images=4096, judge_epochs=1),
-    )
+    cfg = DemoConfig(scale="ci", pretrain_steps=20)
+    cfg.vae.optim.max_steps = 10
+    s = cfg.sit.optim
+    s.max_steps, s.batch_size, s.warmup_steps = 30, 32, 5
+    cfg.latents = DemoLatents(num_images=256)
+    cfg.sample = DemoSample(num_samples=64, steps=8)
+    cfg.eval = DemoEval(ref_images=128, probe_train=192, attr_images=200, judge_images=4096, judge_epochs=1)
+    return cfg
 
 
 SCALES = {"cpu": DemoConfig, "gpu": _gpu, "ci": _ci}

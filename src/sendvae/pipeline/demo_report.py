@@ -57,7 +57,7 @@ def write_report(
     ev, figs = rec["evaluate"], root / "figures"
     jm, tm, judge = ev["judge"]["metric"], ev["teacher_metric"], ev["judge"]
     guided = f"{cfg.sample.cfg_scale:g}"
-    d = cfg.data
+    d, teacher = cfg.vae.data, cfg.vae.teacher.enc_type
     page = Page(f"sendvae demo ({cfg.scale} scale)")
     if note:
         page.text(f"{note}.", note=True)
@@ -65,7 +65,7 @@ def write_report(
     g, r = ev["samples"][guided], ev["recon"]
     page.text(
         f"The whole pipeline on the embedded example: {ev['dataset']} and the bundled "
-        f"{d.teacher} teacher, no downloads. Stage time {total / 60:.1f} min on {_machine()}. "
+        f"{teacher} teacher, no downloads. Stage time {total / 60:.1f} min on {_machine()}. "
         f"The samples are judged by `{judge['name']}`, a small CNN trained from scratch on the real training "
         f"images (not the teacher the VAE aligns to)."
     )
@@ -86,8 +86,9 @@ def write_report(
     if not all(bar.values()):
         page.text(
             "A bar is not met at this scale. The reconstructions cap every sample (they are decoded by the "
-            "same VAE); what it would take: a sharper VAE (more steps, `--vae.steps`, the LPIPS term "
-            "`--vae.lpips_weight 0.1`) and a longer SiT (`--sit.steps`); `--scale gpu` runs that in minutes "
+            "same VAE); what it would take: a sharper VAE (more steps, `--vae.optim.max_steps`, the LPIPS "
+            "term `--vae.loss.lpips_weight 0.1`) and a longer SiT (`--sit.optim.max_steps`); `--scale gpu` "
+            "runs that in minutes "
             "on one GPU.",
             note=True,
         )
@@ -126,7 +127,7 @@ def write_report(
                 "VAE reconstruction (MSE)",
                 [
                     ("plain pre-training", *series(pre_rows, "rec")),
-                    (f"{cfg.vae.align} fine-tune", [s + cfg.vae.pretrain_steps for s in ft_steps], ft_rec),
+                    (f"{cfg.vae.loss.align} fine-tune", [s + cfg.pretrain_steps for s in ft_steps], ft_rec),
                 ],
             ),
             ("VAE alignment: mean token cosine", [("mapper vs teacher", *series(vae_rows, "cos"))]),
@@ -177,7 +178,7 @@ def write_report(
             f"Linear probes of the ground-truth attributes from the latents of {cfg.eval.attr_images} images "
             "(accuracy / R^2 / micro F1 by group; see probe/probe.md)"
         )
-        if d.dataset == "shapes"
+        if d.name == "shapes"
         else (
             f"Linear class probe from the latents of {cfg.eval.attr_images} held-out images (accuracy; "
             "top-5 recall of the class; see probe/probe.md)"
@@ -194,11 +195,11 @@ def write_report(
     page.heading("The same stages as separate commands")
     page.text(
         f"- `sendvae train-vae --config {root / 'vae' / 'config.json'}`\n"
-        f"- `sendvae cache-latents --vae {root / 'vae' / 'export' / 'vae'} --enc-type {d.teacher} ...`\n"
+        f"- `sendvae cache-latents --vae {root / 'vae' / 'export' / 'vae'} --enc-type {teacher} ...`\n"
         f"- `sendvae train-sit --config {root / 'sit' / 'config.json'}`\n"
         f"- `sendvae sample --exp-path {root / 'sit'} --cfg-scale {guided} "
         f"--num-samples {cfg.sample.num_samples}`\n"
-        f"- `sendvae probe --vae {root / 'vae' / 'export' / 'vae'} --pixels --data {d.dataset}`"
+        f"- `sendvae probe --vae {root / 'vae' / 'export' / 'vae'} --pixels --data {d.name}`"
     )
     html, md = root / "report.html", root / "report.md"
     page.write(html, md)

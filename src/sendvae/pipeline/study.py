@@ -19,7 +19,7 @@ intervals are `pipeline.study_report`'s.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,15 @@ def run_name(variant: str, seed: int) -> str:
 
 def _variant(cfg: StudyConfig, variant: str, seed: int):
     """The stages' config of one run: the study's base with the variant's alignment and the run's seed."""
-    weight = paper_align_weight(variant, cfg.base.vae.align_weight)
-    vae = dataclasses.replace(cfg.base.vae, align=variant, align_weight=weight)
-    return dataclasses.replace(cfg.base, seed=seed, vae=vae)
+    run = copy.deepcopy(cfg.base)
+    run.seed, loss = seed, run.vae.loss
+    loss.align, loss.align_weight = variant, paper_align_weight(variant, loss.align_weight)
+    return run
 
 
 def eval_steps(cfg: StudyConfig) -> list[int]:
     """The SiT steps scored: evenly spaced, the last at the end of training."""
-    total, k = cfg.base.sit.steps, max(1, cfg.eval_points)
+    total, k = cfg.base.sit.optim.max_steps, max(1, cfg.eval_points)
     every = max(1, total // k)  # the SiT stage checkpoints every this many steps
     return sorted({min(total, every * (i + 1)) for i in range(k - 1)} | {total})
 
@@ -78,7 +79,7 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
     out: dict[str, Any] = {"steps": [], "gfd": [], "class_accuracy": [], "gfd_teacher": []}
     arrays: dict[str, np.ndarray] = {}
     sets = [(step, SamplerConfig(steps=s.steps)) for step in eval_steps(cfg)]
-    sets.append((cfg.base.sit.steps, SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
+    sets.append((cfg.base.sit.optim.max_steps, SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
     for k, (step, sampler) in enumerate(sets):
         npz = generate(
             root / "sit",
@@ -92,7 +93,7 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
             progress=progress,
         )
         images = ImageSet.from_npz(npz)
-        final = step == cfg.base.sit.steps  # FD_<teacher> (secondary) of the final sets only
+        final = step == cfg.base.sit.optim.max_steps  # FD_<teacher> (secondary) of the final sets only
         scores, per = _judged(scorer, images.images, images.labels, teacher=final)
         name = "cfg" if k == len(sets) - 1 else f"step{step}"
         arrays.update({f"{name}_feats": per["feats"], f"{name}_hits": per["hits"]})
@@ -174,14 +175,14 @@ def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
     """Segmentation / depth heads on the teacher's tokens of real images (the study's scene and teacher)."""
     from ..evaluation.downstream import train_downstream
 
-    d = cfg.base.data
+    d, t = cfg.base.vae.data, cfg.base.vae.teacher
     n = cfg.base.eval.probe_train
     out = train_downstream(
         root / "heads",
-        enc_type=d.teacher,
+        enc_type=t.enc_type,
         resolution=d.resolution,
-        teacher_input=d.teacher_input,
-        scene=d.scene,
+        teacher_input=t.input_size,
+        scene=d.shapes_scene,
         num_images=n,
         seed=1004,
         device=cfg.base.device,
@@ -217,9 +218,9 @@ def build_scorer(cfg: StudyConfig, emb) -> Scorer:
     from ..metrics.features import FeatureExtractor
     from ..runtime.distributed import resolve_device
 
-    d, device = cfg.base.data, resolve_device(cfg.base.device)
+    v, device = cfg.base.vae, resolve_device(cfg.base.device)
     judge = load_judge(emb, judge_recipe(cfg.base), device=device)
-    fx = FeatureExtractor(d.teacher, resolution=d.resolution, input_size=d.teacher_input, device=device)
+    fx = FeatureExtractor.from_config(v.teacher, v.data.resolution, device)
     return Scorer(judge, ImageSet.take(emb.split("reference"), cfg.base.eval.ref_images), fx)
 
 
@@ -240,13 +241,12 @@ def run_study(
 
     root = Path(output_dir)
     st = Stages(root)
-    d = cfg.base.data
-    emb = resolve(d.dataset, d.path, d.resolution, d.scene)
+    d = cfg.base.vae.data
+    emb = resolve(d.name, d.path, d.resolution, d.shapes_scene)
     if emb.note:
         st.echo(f"[data] {emb.note}")
-        cfg = dataclasses.replace(
-            cfg, base=dataclasses.replace(cfg.base, data=dataclasses.replace(d, dataset="shapes"))
-        )
+        cfg = copy.deepcopy(cfg)
+        cfg.base.vae.data.name = "shapes"
     if report_only:
         if not (st.done("pretrain") and st.done("judge")):
             raise ValueError(f"{root}: no study has run here yet; run `sendvae study --output-dir {root}`")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..align.names import NAMES, PAPER
 from ..config import option
-from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, DemoSiT, DemoVAE
+from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, demo_config
 
 # Every alignment variant (align/names.py, the registry's order); each fine-tune uses its own paper's
 # lambda_align (align.names.paper_align_weight: VA-VAE 0.1 with the adaptive weight, REPA-E 1.5, the
@@ -28,20 +28,27 @@ from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, DemoSiT,
 VARIANTS = NAMES
 
 
+def _known(variants: tuple[str, ...]) -> str | None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    return f"unknown {unknown}; choose from {', '.join(VARIANTS)}" if unknown else None
+
+
 @dataclass
 class StudyConfig:
     scale: str = option("cpu", "the scale this config started from")
-    variants: tuple[str, ...] = option(VARIANTS, "alignment variants compared (train-vae --loss.align)")
-    seeds: tuple[int, ...] = option((0, 1, 2), "seeds: one fine-tune + SiT per (variant, seed)")
-    eval_points: int = option(3, "SiT checkpoints scored (evenly spaced, the last at the end)")
+    variants: tuple[str, ...] = option(
+        VARIANTS, "alignment variants compared (train-vae --loss.align), comma-separated", check=_known
+    )
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds: one fine-tune + SiT per (variant, seed)", min=0)
+    eval_points: int = option(3, "SiT checkpoints scored (evenly spaced, the last at the end)", min=1)
     score: str = option(
         "auto",
         "probe score correlated with the final gFD (auto: the linear class probe's accuracy on "
         "Fashion-MNIST, the attribute probes' top5_recall on the shapes)",
     )
     claim: str = option(PAPER, "the variant whose claims the verdict checks (the paper's)")
-    # the stages' settings (vae.pretrain_steps: the shared VAE; vae.steps: every fine-tune; vae.align is
-    # replaced by each variant)
+    # the stages' settings (pretrain_steps: the shared VAE; vae.optim.max_steps: every fine-tune;
+    # vae.loss.align and align_weight are each variant's)
     base: DemoConfig = option(DemoConfig(), "the stages' settings")
 
 
@@ -51,36 +58,36 @@ def _cpu() -> StudyConfig:
     # cut to 450 steps ~105 s, 4 sample sets of 2000 (steps 150 / 300 / 450 without guidance, 450 with CFG
     # 4) at 8 Euler steps ~95 s, reconstructions, judge and probes ~15 s: ~4 min, 18 runs in ~80 min.
     # Cut to fit 2 hours: the SiT steps (450, not the demo's 1000), the Euler steps (8, not 16).
-    base = DemoConfig(
-        scale="study-cpu",
-        sit=DemoSiT(steps=450),
-        sample=DemoSample(num_samples=2000, steps=8),
-        eval=DemoEval(ref_images=2000, probe_train=2000, attr_images=2000),
-    )
+    base = demo_config("cpu")
+    base.scale = "study-cpu"
+    base.sit.optim.max_steps = 450
+    base.sample = DemoSample(num_samples=2000, steps=8)
+    base.eval = DemoEval(ref_images=2000, probe_train=2000, attr_images=2000)
     return StudyConfig(scale="cpu", base=base)
 
 
 def _gpu() -> StudyConfig:
-    base = DemoConfig(
-        scale="study-gpu",
-        vae=DemoVAE(pretrain_steps=3000, steps=2000, batch_size=64, lpips_weight=0.1),
-        latents=DemoLatents(num_images=20000),
-        sit=DemoSiT(depth=6, width=256, steps=6000, batch_size=256),
-        sample=DemoSample(num_samples=5000),
-        eval=DemoEval(ref_images=5000, probe_train=5000, attr_images=5000),
-    )
+    base = demo_config("cpu")
+    base.scale, base.pretrain_steps = "study-gpu", 3000
+    v, s = base.vae, base.sit
+    v.optim.batch_size, v.optim.max_steps, v.loss.lpips_weight = 64, 2000, 0.1
+    s.model.depth, s.model.hidden_size = 6, 256
+    s.optim.batch_size, s.optim.max_steps = 256, 6000
+    base.latents = DemoLatents(num_images=20000)
+    base.sample = DemoSample(num_samples=5000)
+    base.eval = DemoEval(ref_images=5000, probe_train=5000, attr_images=5000)
     return StudyConfig(scale="gpu", eval_points=5, seeds=(0, 1, 2, 3, 4), base=base)
 
 
 def _ci() -> StudyConfig:
-    base = DemoConfig(
-        scale="study-ci",
-        vae=DemoVAE(pretrain_steps=8, steps=6),
-        latents=DemoLatents(num_images=128),
-        sit=DemoSiT(steps=12, batch_size=16, warmup=2),
-        sample=DemoSample(num_samples=32, steps=4),
-        eval=DemoEval(ref_images=64, probe_train=160, attr_images=120, judge_images=4096, judge_epochs=1),
-    )
+    base = demo_config("cpu")
+    base.scale, base.pretrain_steps = "study-ci", 8
+    base.vae.optim.max_steps = 6
+    s = base.sit.optim
+    s.max_steps, s.batch_size, s.warmup_steps = 12, 16, 2
+    base.latents = DemoLatents(num_images=128)
+    base.sample = DemoSample(num_samples=32, steps=4)
+    base.eval = DemoEval(ref_images=64, probe_train=160, attr_images=120, judge_images=4096, judge_epochs=1)
     return StudyConfig(scale="ci", variants=("none", PAPER), seeds=(0,), eval_points=2, base=base)
 
 

@@ -48,11 +48,7 @@ class ProxyFD:
         self.store, self.stats, self.vae, self.device, self.batch_size = store, stats, vae, device, batch_size
         self.n = min(num_samples, len(store))
         res = store.manifest["dataset"]["resolution"]
-        if teacher.enc_type is None:
-            raise ValueError("--eval.fd_teacher.enc_type: the proxy FD needs a teacher (see `sendvae info`)")
-        opts = {"input_size": teacher.input_size} if teacher.input_size else {}
-        self.fx = FeatureExtractor(teacher.enc_type, teacher.weights, res, teacher.random_init, device,
-                                   batch_size, allow_download=teacher.allow_download, **opts)  # fmt: skip
+        self.fx = FeatureExtractor.from_config(teacher, res, device, batch_size)  # --eval.fd_teacher.*
         self.metric_name = self.fx.metric_name
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(self.n, *store.latent_shape, generator=g)  # fixed across evaluations
