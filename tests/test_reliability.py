@@ -290,3 +290,27 @@ def test_sample_killed_after_npz_finishes_grid_and_parts(run_dir, tmp_path):  # 
     (out / f"{SAMPLE_NAME}.parts" / "part-0000000.npz").write_bytes(b"x")
     assert sample_main(sample_args(run_dir, out)) == 0
     assert (out / f"{SAMPLE_NAME}.png").exists() and not (out / f"{SAMPLE_NAME}.parts").exists()
+
+
+def test_run_training_returns_how_the_run_ended(tmp_path):
+    """A caller in the same process learns the final step, the last logged row and the export from
+    run_training itself (the demo and the study read no stats file); a rerun at the end returns the same."""
+    import argparse
+
+    from sendvae.commands import train_vae as cmd
+    from sendvae.runtime.log import read_stats
+    from sendvae.train.export import export_run
+    from sendvae.train.run import run_training
+    from sendvae.train.vae import VAETrainer
+
+    from .conftest import tiny_train_args
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    cfg = cmd.resolve_config(p.parse_args(tiny_train_args(tmp_path, steps=3, **{"run.log_every": 1})))
+    first = run_training(cfg, VAETrainer, export_run, echo=False)
+    rows = read_stats(tmp_path / "run" / "stats.jsonl")
+    assert first.step == 3 and first.last["step"] == 3 and first.last["rec"] == rows[-1]["rec"]
+    assert first.export == tmp_path / "run" / "export" / "vae" and (first.export / "config.json").is_file()
+    again = run_training(cfg, VAETrainer, export_run, echo=False)  # resumed at its end: nothing to train
+    assert again.step == 3 and again.last["rec"] == first.last["rec"]

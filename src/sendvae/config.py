@@ -150,9 +150,9 @@ def from_dict(
                 f"{CONFIG_FORMAT})"
             )
         if fmt < CONFIG_FORMAT and hasattr(cls, "upgrade"):
-            data = cls.upgrade(data, fmt)
+            data = getattr(cls, "upgrade")(data, fmt)  # noqa: B009 (a class without it is fine)
     elif not _prefix and hasattr(cls, "upgrade"):  # no format key: layout 1
-        data = cls.upgrade(data, 1)
+        data = getattr(cls, "upgrade")(data, 1)  # noqa: B009
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

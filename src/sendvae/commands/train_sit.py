@@ -58,4 +58,5 @@ def run(args: argparse.Namespace) -> int:
             )
     from ..train.sit import SiTTrainer
 
-    return run_training(cfg, SiTTrainer, lambda tr: tr.export())
+    run_training(cfg, SiTTrainer, lambda tr: tr.export())
+    return 0

@@ -68,4 +68,5 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(cfg, args, estimate_train_vae)
     from ..train.export import export_run
 
-    return run_training(cfg, _make_trainer, export_run)
+    run_training(cfg, _make_trainer, export_run)
+    return 0

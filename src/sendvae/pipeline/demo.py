@@ -49,6 +49,15 @@ def stage_settings(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     return {k: d[k] for s in _ORDER[: _ORDER.index(stage) + 1] for k in _DEPENDS[s]}
 
 
+def run_steps(trainer_cfg) -> int:
+    """The steps of a stage's run: the demo trains for a fixed number (``--vae.optim.max_steps``, ...)."""
+    steps = trainer_cfg.optim.max_steps
+    if steps is None:
+        raise ValueError("the demo's runs train for a fixed number of steps: set --vae.optim.max_steps and "
+                         "--sit.optim.max_steps, not epochs")  # fmt: skip
+    return int(steps)
+
+
 def _cadence(run, steps: int, ckpt_every: int | None = None, keep: int = 1) -> None:
     """A stage run's logging and checkpoints: 30 log lines, a checkpoint every third (a third lost at most)"""
     run.log_every, run.ckpt_every = max(1, steps // 30), ckpt_every or max(1, steps // 3)
@@ -66,7 +75,7 @@ def vae_run_config(cfg: DemoConfig, root: Path, init: str | None = None):
         vc.run.exp_name, vc.loss.align, vc.optim.max_steps = "pretrain", "none", cfg.pretrain_steps
     else:
         vc.model.vae_ckpt = init
-    _cadence(vc.run, vc.optim.max_steps)
+    _cadence(vc.run, run_steps(vc))
     return vc
 
 
@@ -78,7 +87,7 @@ def sit_run_config(
     sc = copy.deepcopy(cfg.sit)
     sc.run.output_dir, sc.run.exp_name, sc.run.seed, sc.run.device = str(root), "sit", cfg.seed, cfg.device
     sc.data.store, sc.model.vae = str(store), str(vae)
-    _cadence(sc.run, sc.optim.max_steps, ckpt_every, keep)
+    _cadence(sc.run, run_steps(sc), ckpt_every, keep)
     return sc
 
 
@@ -97,25 +106,18 @@ def judge_recipe(cfg: DemoConfig):
     return JudgeRecipe(epochs=cfg.eval.judge_epochs, train_images=cfg.eval.judge_images)
 
 
-def _last(rows: list[dict[str, Any]], key: str) -> float:
-    vals = [r[key] for r in rows if key in r]
-    return float(vals[-1]) if vals else float("nan")
-
-
 # -- stages ------------------------------------------------------------------------------------------------
 
 
 def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dict[str, Any]:
     """The plain pre-training (init None, ROOT/pretrain) or the alignment fine-tune from `init` (ROOT/vae)."""
-    from ..runtime.log import read_stats
     from ..train.export import export_run
     from ..train.run import run_training
     from ..train.vae import VAETrainer
 
     vc = vae_run_config(cfg, root, init)
-    run_training(vc, VAETrainer, export_run, echo=False)
-    rows = read_stats(root / vc.run.exp_name / "stats.jsonl")
-    rec, cos = _last(rows, "rec"), _last(rows, "cos")
+    last = run_training(vc, VAETrainer, export_run, echo=False).last
+    rec, cos = last.get("rec", math.nan), last.get("cos", math.nan)
     what = f"plain {vc.model.vae} VAE" if init is None else f"{vc.loss.align} fine-tune"
     line = f"{what}, {vc.optim.max_steps} steps x {vc.optim.batch_size}: rec ({vc.loss.recon}) {rec:.4f}"
     return {
@@ -156,14 +158,12 @@ def cache_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) ->
 
 
 def train_sit_stage(cfg: DemoConfig, root: Path, store: str, vae_export: str, **ckpts) -> dict[str, Any]:
-    from ..runtime.log import read_stats
     from ..train.run import run_training
     from ..train.sit import SiTTrainer
 
     sc = sit_run_config(cfg, root, Path(store), Path(vae_export), **ckpts)
-    run_training(sc, SiTTrainer, lambda tr: tr.export(), echo=False)
-    rows = read_stats(root / "sit" / "stats.jsonl")
-    den, cos, m = _last(rows, "denoise"), _last(rows, "cos"), sc.model
+    last = run_training(sc, SiTTrainer, lambda tr: tr.export(), echo=False).last
+    den, cos, m = last.get("denoise", math.nan), last.get("cos", math.nan), sc.model
     return {
         "run": str(root / "sit"),
         "denoise": den,

@@ -29,7 +29,7 @@ import torch
 from ..align.names import paper_align_weight
 from ..config import to_dict
 from ..evaluation.scoring import ImageSet, Scorer
-from .demo import cache_stage, judge_recipe, train_sit_stage, train_vae_stage
+from .demo import cache_stage, judge_recipe, run_steps, train_sit_stage, train_vae_stage
 from .demo_config import PERCEPTUAL
 from .stages import Stages
 from .study_config import StudyConfig
@@ -49,7 +49,7 @@ def _variant(cfg: StudyConfig, variant: str, seed: int):
 
 def eval_steps(cfg: StudyConfig) -> list[int]:
     """The SiT steps scored: evenly spaced, the last at the end of training."""
-    total, k = cfg.base.sit.optim.max_steps, max(1, cfg.eval_points)
+    total, k = run_steps(cfg.base.sit), max(1, cfg.eval_points)
     every = max(1, total // k)  # the SiT stage checkpoints every this many steps
     return sorted({min(total, every * (i + 1)) for i in range(k - 1)} | {total})
 
@@ -79,7 +79,7 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
     out: dict[str, Any] = {"steps": [], "gfd": [], "class_accuracy": [], "gfd_teacher": []}
     arrays: dict[str, np.ndarray] = {}
     sets = [(step, SamplerConfig(steps=s.steps)) for step in eval_steps(cfg)]
-    sets.append((cfg.base.sit.optim.max_steps, SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
+    sets.append((run_steps(cfg.base.sit), SamplerConfig(steps=s.steps, cfg_scale=s.cfg_scale)))
     for k, (step, sampler) in enumerate(sets):
         npz = generate(
             root / "sit",
@@ -93,7 +93,7 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
             progress=progress,
         )
         images = ImageSet.from_npz(npz)
-        final = step == cfg.base.sit.optim.max_steps  # FD_<teacher> (secondary) of the final sets only
+        final = step == run_steps(cfg.base.sit)  # FD_<teacher> (secondary) of the final sets only
         scores, per = _judged(scorer, images.images, images.labels, teacher=final)
         name = "cfg" if k == len(sets) - 1 else f"step{step}"
         arrays.update({f"{name}_feats": per["feats"], f"{name}_hits": per["hits"]})
@@ -136,9 +136,9 @@ def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, em
         data=emb.name,
         data_root=emb.path,
         num_images=b.eval.attr_images,
-        resolution=b.data.resolution,
+        resolution=b.vae.data.resolution,
         seed=0,
-        shapes_scene=b.data.scene,
+        shapes_scene=b.vae.data.shapes_scene,
         teacher=None,
         device=b.device,
         progress=False,

@@ -76,6 +76,7 @@ class TrainerBase:
         self.cfg, self.dist, self.run_dir, self.log = cfg, dist, Path(run_dir), logger
         self.device = dist.device
         self.step = 0
+        self.last_logged: dict[str, Any] = {}  # the last row written to stats.jsonl by this process
         self.nan_steps = torch.zeros((), device=self.device)
         self.recent_skips: collections.deque[torch.Tensor] = collections.deque(maxlen=DIVERGENCE_WINDOW)
         self.check_batch_size()
@@ -359,4 +360,5 @@ class TrainerBase:
             row["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.extra_log(row, img_s)
         self.log.stats(self.step, row)
+        self.last_logged = {"step": self.step, **row}  # what `run_training` returns to its caller
         self.check_divergence()

@@ -10,19 +10,32 @@ grid folders are removed (`resume` does the same for checkpoints/).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import config_record
 from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
 from ..runtime.lock import rank0_folder_lock
+from ..runtime.log import RunLogger, read_stats
 
 
-def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> int:
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended, for a caller in the same process (the commands, the demo, the study)."""
+
+    run_dir: Path
+    step: int  # the last optimizer step
+    last: dict[str, Any]  # the last logged row (step, losses, lr, img_per_s, ...); {} if none was logged
+    export: Path | None  # the export folder (rank 0), else None
+
+
+def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> RunResult:
     """Set up the process group and the run folder, train, export on rank 0, clean up.
 
     make_trainer(cfg, dist, run_dir, log) -> a TrainerBase; export(trainer) -> the export's path.
     echo: print the log lines (False: only the run's log.txt gets them; the progress bar stays).
+    Returns the run's `RunResult`.
     """
     from ..runtime.distributed import cleanup, init_distributed
 
@@ -35,8 +48,7 @@ def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> int:
         cleanup()
 
 
-def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: bool) -> int:
-    from ..runtime.log import RunLogger
+def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: bool) -> RunResult:
 
     sink = None if echo else open(os.devnull, "w")
     log = RunLogger(run_dir, dist.is_main, tensorboard=cfg.run.tensorboard, stream=sink)
@@ -51,14 +63,18 @@ def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: 
         if dist.is_main:
             atomic_write_json(config_record(cfg), run_dir / "config.json")
         trainer.train()
+        out = None
         if dist.is_main:
             trainer.check_finite()
-            log.info(f"exported to {export(trainer)}")
+            out = Path(export(trainer))
+            log.info(f"exported to {out}")
     finally:
         log.close()
         if sink is not None:
             sink.close()
-    return 0
+    # a run resumed at its end logged nothing in this process: its last row is the one on disk
+    last = trainer.last_logged or (read_stats(run_dir / "stats.jsonl") or [{}])[-1]
+    return RunResult(run_dir, trainer.step, dict(last), out)
 
 
 def _written_folders(run_dir: Path) -> list[Path]:
