@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__  # the package's __init__, resolved when the parser is built
 
     parser = argparse.ArgumentParser(
         prog="sendvae",
@@ -98,6 +98,7 @@ def command_parser(module) -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input: printed as one clear line, not a traceback."""
+    # here, not at the top: they import torch, and `sendvae --help` needs none of it
     from .runtime.checkpoint import WriteError
     from .runtime.lock import FolderLockedError
     from .runtime.weights import WeightsError
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(module, argv: list[str] | None = None) -> int:
     """Parse ``argv`` for a command module and run it; bad input is one clear line and exit code 2."""
-    from .runtime.log import configure_logging
+    from .runtime.log import configure_logging  # here: keeps `sendvae --help` from importing torch
 
     configure_logging(to_stderr=getattr(module, "STDOUT_IS_DATA", False))
     args = command_parser(module).parse_args(argv)

@@ -14,6 +14,10 @@ import time
 import numpy as np
 import torch
 
+from ..analysis.attributes import ProbeTask, shapes_data
+from ..analysis.measures import latent_measures
+from ..analysis.probes import make_split, run_probe, standardize
+from ..models.vae import VAE_CONFIGS
 from .timing import sync
 
 
@@ -44,10 +48,6 @@ def bench_probe(
     vae: str, device: torch.device, num_latents: int, resolution: int, seed: int = 0, pca_dim: int = 8
 ) -> dict:
     """Seconds to standardise, probe every shapes target and compute the measures for N latents."""
-    from ..analysis.attributes import shapes_data
-    from ..analysis.measures import latent_measures
-    from ..analysis.probes import make_split, run_probe, standardize
-    from ..models.vae import VAE_CONFIGS
 
     cfg = VAE_CONFIGS[vae]
     side = resolution // cfg.downsample_factor
@@ -79,6 +79,5 @@ def bench_probe(
 
 
 def _class_task(data):
-    from ..analysis.attributes import ProbeTask
 
     return ProbeTask("class", "categorical", "class", data.classes)

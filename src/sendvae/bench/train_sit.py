@@ -20,6 +20,7 @@ import torch
 from ..diffusion.transport import TransportConfig, training_losses
 from ..models.sit import SiT, flops_per_image, sized_sit_config
 from ..runtime.hardware import measured_matmul_tflops
+from ..teachers import build_teacher
 from ..train.common import ema_update, fused_adamw, optimizer_step
 from .timing import peak_gib, reset_peak, sync, time_fn
 
@@ -48,8 +49,6 @@ def bench_train_sit(
     tokens_dim = 768
     t_model = None
     if teacher == "online":
-        from ..teachers import build_teacher
-
         t_model = build_teacher(enc_type, resolution=h * 8, random_init=True).to(device)
         tokens_dim = t_model.embed_dim
     size = {

@@ -13,8 +13,11 @@ from contextlib import nullcontext
 import torch
 
 from ..config import apply_overrides
+from ..losses.cosine import cosine_alignment_loss
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
+from ..train.vae import VAETrainer
+from ..train.vae_config import PRESETS
 from .timing import fmt_row, peak_gib, reset_peak, time_fn
 
 
@@ -33,10 +36,6 @@ def bench_train_vae(
     """The end-to-end step is one optimizer step of ``batch`` images in ``grad_accum`` micro-batches (the
     trainer's ``--optim.grad_accum``); the component split times one micro-batch."""
     import tempfile
-
-    from ..losses.cosine import cosine_alignment_loss
-    from ..train.vae import VAETrainer
-    from ..train.vae_config import PRESETS
 
     overrides = {
         "model.vae": vae,

@@ -25,8 +25,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..analysis.report import probe_models
 from ..config import to_dict
+from ..data.caching import cache_latents, teacher_record
+from ..data.embedded import resolve
+from ..diffusion.generate import generate
+from ..diffusion.sampling import SamplerConfig
+from ..evaluation.judge import JudgeRecipe, load_judge
+from ..evaluation.scoring import ImageSet, Scorer
+from ..metrics.features import FeatureExtractor
+from ..models.vae_io import load_vae
+from ..runtime.distributed import resolve_device
+from ..teachers.config import build_from_config
+from ..train.export import export_run
+from ..train.run import run_training
+from ..train.sit import SiTTrainer
+from ..train.vae import VAETrainer
 from .demo_config import PERCEPTUAL, DemoConfig
+from .demo_report import write_report
+from .figures import save_image_grid
 from .stages import Stages
 
 # the config sections each stage depends on, with those of every stage before it (a rerun with other
@@ -94,14 +111,12 @@ def sit_run_config(
 def embedded(cfg: DemoConfig):
     """The demo's data (`data.embedded`); `run_demo` has already replaced a missing Fashion-MNIST by the
     shapes, so here the dataset asked for must be there."""
-    from ..data.embedded import resolve
 
     d = cfg.vae.data
     return resolve(d.name, d.path, d.resolution, d.shapes_scene, fallback=False)
 
 
 def judge_recipe(cfg: DemoConfig):
-    from ..evaluation.judge import JudgeRecipe
 
     return JudgeRecipe(epochs=cfg.eval.judge_epochs, train_images=cfg.eval.judge_images)
 
@@ -111,9 +126,6 @@ def judge_recipe(cfg: DemoConfig):
 
 def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dict[str, Any]:
     """The plain pre-training (init None, ROOT/pretrain) or the alignment fine-tune from `init` (ROOT/vae)."""
-    from ..train.export import export_run
-    from ..train.run import run_training
-    from ..train.vae import VAETrainer
 
     vc = vae_run_config(cfg, root, init)
     last = run_training(vc, VAETrainer, export_run, echo=False).last
@@ -129,9 +141,6 @@ def train_vae_stage(cfg: DemoConfig, root: Path, init: str | None = None) -> dic
 
 
 def cache_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:
-    from ..data.caching import cache_latents, teacher_record
-    from ..models.vae_io import load_vae
-    from ..teachers.config import build_from_config
 
     vae = load_vae(vae_export)
     res = cfg.vae.data.resolution
@@ -158,8 +167,6 @@ def cache_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) ->
 
 
 def train_sit_stage(cfg: DemoConfig, root: Path, store: str, vae_export: str, **ckpts) -> dict[str, Any]:
-    from ..train.run import run_training
-    from ..train.sit import SiTTrainer
 
     sc = sit_run_config(cfg, root, Path(store), Path(vae_export), **ckpts)
     last = run_training(sc, SiTTrainer, lambda tr: tr.export(), echo=False).last
@@ -174,8 +181,6 @@ def train_sit_stage(cfg: DemoConfig, root: Path, store: str, vae_export: str, **
 
 
 def sample_stage(cfg: DemoConfig, root: Path, sit_run: str, progress: bool) -> dict[str, Any]:
-    from ..diffusion.generate import generate
-    from ..diffusion.sampling import SamplerConfig
 
     out: dict[str, Any] = {"npz": {}}
     sc = cfg.sample
@@ -201,12 +206,6 @@ def sample_stage(cfg: DemoConfig, root: Path, sit_run: str, progress: bool) -> d
 def evaluate_stage(cfg: DemoConfig, root: Path, vae_export: str, samples: dict[str, str]) -> dict[str, Any]:
     """The judge's class accuracy and FD_<judge> (headline), FD_<teacher> (secondary) of held-out real
     images (the floor), the VAE's reconstructions (its ceiling) and the samples; PSNR / SSIM / LPIPS."""
-    from ..evaluation.judge import load_judge
-    from ..evaluation.scoring import ImageSet, Scorer
-    from ..metrics.features import FeatureExtractor
-    from ..models.vae_io import load_vae
-    from ..runtime.distributed import resolve_device
-    from .figures import save_image_grid
 
     device = resolve_device(cfg.device)
     e, emb = cfg.eval, embedded(cfg)
@@ -266,7 +265,6 @@ def save_class_grid(
     per_row: int = 8,
 ):
     """One row per class: the first `per_row` samples of each (uint8 (N, 3, H, W)), rows labelled."""
-    from .figures import save_image_grid
 
     rows = []
     for c in range(num_classes):
@@ -279,7 +277,6 @@ def save_class_grid(
 
 
 def probe_stage(cfg: DemoConfig, root: Path, vae_export: str, progress: bool) -> dict[str, Any]:
-    from ..analysis.report import probe_models
 
     report = probe_models(
         root / "probe",
@@ -313,8 +310,6 @@ def run_demo(
     cfg: DemoConfig, output_dir: str | Path = "runs/demo", *, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or continue) the demo in `output_dir`; returns {stage: record} and writes the report."""
-    from ..data.embedded import resolve
-    from .demo_report import write_report
 
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ import html
 import os
 from pathlib import Path
 
+from ..runtime.checkpoint import atomic_write_bytes
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
@@ -138,7 +140,6 @@ class Page:
         return "\n".join(out)
 
     def write(self, html_path: Path, md_path: Path) -> None:
-        from ..runtime.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(html_path, lambda f: f.write(self._html().encode()))
         atomic_write_bytes(md_path, lambda f: f.write(self._markdown(md_path.parent).encode()))

@@ -26,13 +26,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..align import ALIGNMENTS
 from ..align.names import paper_align_weight
+from ..analysis.report import probe_models
 from ..config import to_dict
+from ..data.embedded import resolve
+from ..diffusion.generate import generate
+from ..diffusion.sampling import SamplerConfig
+from ..evaluation.downstream import downstream_scores, train_downstream
+from ..evaluation.judge import load_judge
 from ..evaluation.scoring import ImageSet, Scorer
+from ..metrics.features import FeatureExtractor
+from ..metrics.recon import psnr
+from ..models.vae_io import load_vae
+from ..runtime.checkpoint import atomic_write_bytes
+from ..runtime.distributed import resolve_device
 from .demo import cache_stage, judge_recipe, run_steps, train_sit_stage, train_vae_stage
 from .demo_config import PERCEPTUAL
 from .stages import Stages
 from .study_config import StudyConfig
+from .study_report import write_study_report
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -55,7 +68,6 @@ def eval_steps(cfg: StudyConfig) -> list[int]:
 
 
 def _save_scores(path: Path, **arrays: np.ndarray) -> None:
-    from ..runtime.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
@@ -72,8 +84,6 @@ def _judged(
 def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> dict[str, Any]:
     """Samples at every eval point (no guidance) and at the end with CFG, judged; the per-sample features
     and hits go to ROOT/scores.npz (what the study's intervals resample)."""
-    from ..diffusion.generate import generate
-    from ..diffusion.sampling import SamplerConfig
 
     s = cfg.base.sample
     out: dict[str, Any] = {"steps": [], "gfd": [], "class_accuracy": [], "gfd_teacher": []}
@@ -117,10 +127,6 @@ def _score_sit(cfg: StudyConfig, root: Path, scorer: Scorer, progress: bool) -> 
 def _score_vae(cfg: StudyConfig, root: Path, vae_export: str, scorer: Scorer, emb) -> dict[str, Any]:
     """Reconstructions of the held-out images (rFD, class accuracy, PSNR per image to ROOT/recon.npz, SSIM)
     and the probe score of the latents."""
-    from ..analysis.report import probe_models
-    from ..metrics.recon import psnr
-    from ..models.vae_io import load_vae
-    from ..runtime.distributed import resolve_device
 
     device = resolve_device(cfg.base.device)
     vae = load_vae(vae_export).to(device)
@@ -173,7 +179,6 @@ def probe_score_name(cfg: StudyConfig, emb) -> str:
 
 def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
     """Segmentation / depth heads on the teacher's tokens of real images (the study's scene and teacher)."""
-    from ..evaluation.downstream import train_downstream
 
     d, t = cfg.base.vae.data, cfg.base.vae.teacher
     n = cfg.base.eval.probe_train
@@ -196,8 +201,6 @@ def _train_heads(cfg: StudyConfig, root: Path) -> dict[str, Any]:
 def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str | None) -> dict[str, Any]:
     """mIoU / AbsRel / delta<1.25 of the heads read through the variant's alignment head from encoded real
     images (NaN for a variant that exports no read-out head)."""
-    from ..align import ALIGNMENTS
-    from ..evaluation.downstream import downstream_scores
 
     keys = ("miou", "fg_iou", "abs_rel", "delta1")
     if heads is None:
@@ -214,9 +217,6 @@ def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str | No
 def build_scorer(cfg: StudyConfig, emb) -> Scorer:
     """The shared yardstick: the judge (trained once per machine on the real training split) with its FD
     reference on held-out real images no run trains on, and the teacher's FD as a secondary column."""
-    from ..evaluation.judge import load_judge
-    from ..metrics.features import FeatureExtractor
-    from ..runtime.distributed import resolve_device
 
     v, device = cfg.base.vae, resolve_device(cfg.base.device)
     judge = load_judge(emb, judge_recipe(cfg.base), device=device)
@@ -236,8 +236,6 @@ def run_study(
     report_only: run nothing, write nothing but the tables: tabulate the runs whose every stage finished
     (an interrupted study's report so far; it may run beside the study that fills the folder).
     """
-    from ..data.embedded import resolve
-    from .study_report import write_study_report
 
     root = Path(output_dir)
     st = Stages(root)

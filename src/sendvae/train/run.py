@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import config_record
 from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
+from ..runtime.distributed import cleanup, init_distributed
 from ..runtime.lock import rank0_folder_lock
 from ..runtime.log import RunLogger, read_stats
 
@@ -37,7 +38,6 @@ def run_training(cfg: Any, make_trainer, export, *, echo: bool = True) -> RunRes
     echo: print the log lines (False: only the run's log.txt gets them; the progress bar stays).
     Returns the run's `RunResult`.
     """
-    from ..runtime.distributed import cleanup, init_distributed
 
     dist = init_distributed(cfg.run.device, option="--device")
     run_dir = Path(cfg.run.output_dir) / cfg.run.exp_name

@@ -19,12 +19,14 @@ import torch
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..data import to_float
+from ..data import build_dataset, to_float
+from ..data.config import DataConfig
 from ..data.latent_store import LatentStore, select_flip
 from ..diffusion.sampling import euler_sample
 from ..diffusion.transport import sample_t, training_losses
 from ..models.latent_stats import LATENTS_FILE, LatentStats
 from ..models.sit import SiT, flops_per_image, sit_config, sized_sit_config
+from ..models.vae_io import load_vae
 from ..runtime import checkpoint as ckpt
 from ..runtime.distributed import DistInfo
 from ..runtime.hardware import measured_matmul_tflops
@@ -42,10 +44,10 @@ from .common import (
 from .loop import TrainerBase
 from .resume import FREE_SIT
 from .sit_config import TrainSiTConfig
+from .sit_fd import ProxyFD, ema_sampler
 
 if TYPE_CHECKING:
     from .sit_fd import ProxyFD
-
 
 
 def build_sit(cfg: TrainSiTConfig, store: LatentStore, z_dim: int | None) -> SiT:
@@ -89,8 +91,6 @@ class LatentsWithImages(torch.utils.data.Dataset):
     rebuilt from its manifest, for a teacher run online."""
 
     def __init__(self, store: LatentStore):
-        from ..data import build_dataset
-        from ..data.config import DataConfig
 
         info = store.manifest["dataset"]
         cfg = DataConfig(
@@ -145,8 +145,6 @@ class SiTTrainer(TrainerBase):
         self.stats = self.record_latent_stats()
         self.vae = None
         if cfg.model.vae:
-            from ..models.vae_io import load_vae
-
             self.vae = load_vae(cfg.model.vae, config=cfg.model.vae_config)
             self.store.check_vae(self.vae)
             self.vae = self.vae.to(dev).eval().requires_grad_(False)
@@ -311,7 +309,6 @@ class SiTTrainer(TrainerBase):
     @torch.no_grad()
     def proxy_fd(self) -> dict[str, float]:
         """{FD_<teacher>: value} of the EMA model now (sendvae.train.sit_fd)."""
-        from .sit_fd import ProxyFD, ema_sampler
 
         e = self.cfg.eval
         if self._proxy_fd is None:
