@@ -15,7 +15,7 @@ from sendvae.runtime.log import read_stats
 
 PAPER_PRESETS = (
     *("sendvae-f16d32", "sendvae-f8d4", "vavae-f16d32", "repa-align-f16d32", "reals-f16d32"),
-    *("repae-f16d32", "repae-f8d4"),
+    *("repae-f16d32", "repae-f8d4", "rae-dinov2-b"),
 )
 _LIN_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 relu1_2 .. relu5_3
 

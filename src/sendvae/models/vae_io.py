@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from sendvae.models.rae import RAE, RAE_JSON, RAEConfig, is_rae_record, load_rae, rae_from_state
 from sendvae.models.vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
 from sendvae.models.vae_diffusers import (
     DIFFUSERS_WEIGHTS,
@@ -162,14 +163,21 @@ def load_vae(
     latent_stats: str | Path | None = None,
 ) -> AutoencoderKL:
     """Build an AutoencoderKL, in eval mode, from a preset name (random init), a diffusers/sendvae folder or
-    a checkpoint.
+    a checkpoint; or an RAE (models/rae.py) from an RAE export folder (``rae.json``) or an RAE training state.
 
     `config` overrides the architecture (otherwise: the folder's config, a `vae_config` dict stored in
     the checkpoint, or shape inference). Latent stats come from `latent_stats` (a file), else the
     folder/checkpoint, else a REPA-E style `<name>-latents-stats.pt` next to the checkpoint.
     """
-    cfg = _resolve_config(config)
     path = Path(path_or_preset)
+    raw = read_checkpoint(path, map_location) if path.is_file() else None
+    if (path.is_dir() and (path / RAE_JSON).exists()) or (
+        raw is not None and is_rae_record(raw.get("vae_config"))
+    ):
+        # An RAE has the interface of AutoencoderKL that training, caching, sampling, evaluation and probing
+        # use (models/rae.py); their annotations name AutoencoderKL, hence the cast.
+        return cast("AutoencoderKL", _load_rae(path, raw, config, map_location, latent_stats))
+    cfg = _resolve_config(config)
     if not path.exists():
         if str(path_or_preset) in VAE_CONFIGS:
             log.info("VAE: preset %s with random weights", path_or_preset)
@@ -180,10 +188,10 @@ def load_vae(
         raise FileNotFoundError(
             f"{path_or_preset!r} is neither a file, a folder nor a VAE preset; presets: {sorted(VAE_CONFIGS)}"
         )
-    if path.is_dir():
+    if raw is None:
         sd, cfg, stats = _read_folder(path, cfg, map_location)
     else:
-        sd, cfg, stats = _read_file(path, cfg, map_location)
+        sd, cfg, stats = _read_file(path, raw, cfg)
 
     model = AutoencoderKL(cfg)
     try:
@@ -209,11 +217,35 @@ def load_vae(
     return model.to(map_location).eval()
 
 
+def _load_rae(
+    path: Path, raw: dict[str, Any] | None, config: Any, map_location: Any, latent_stats: str | Path | None
+) -> RAE:
+    """An RAE export folder, or the training state ``raw`` read from ``path``: it carries its config and its
+    encoder's weights."""
+    if config is not None:
+        raise ValueError(
+            f"{path} is an RAE (a frozen encoder + ViT decoder), which carries its own config; drop the VAE "
+            "config option (--vae-config / --model.vae_config / config=) for it"
+        )
+    if raw is None:
+        model = load_rae(path, map_location)
+    else:
+        with malformed(path, "RAE training state"):
+            cfg = RAEConfig.from_dict(raw["vae_config"])
+        sd, where = find_state_dict(raw, "decoder.head.weight", _VAE_NESTS)
+        roots = ("encoder", "decoder", "feature_mean", "feature_std", *STAT_KEYS)
+        sd = {k: v for k, v in sd.items() if k.split(".")[0] in roots}
+        log.info("RAE: %d tensors from %s (%s)", len(sd), path, where)
+        model = rae_from_state(cfg, sd, str(path))
+    if latent_stats is not None:
+        model.set_latent_stats(*load_latent_stats(latent_stats))
+    return model.to(map_location)
+
+
 def _read_file(
-    path: Path, cfg: VAEConfig | None, map_location: Any
+    path: Path, raw: dict[str, Any], cfg: VAEConfig | None
 ) -> tuple[dict[str, torch.Tensor], VAEConfig, tuple[torch.Tensor, torch.Tensor] | None]:
-    """An LDM/SD .ckpt, a REPA-E .pt, or a safetensors file (LDM or diffusers names)."""
-    raw = read_checkpoint(path, map_location)
+    """An LDM/SD .ckpt, a REPA-E .pt, or a safetensors file (LDM or diffusers names), read as ``raw``."""
     sd, where = find_state_dict(raw, "encoder.conv_in.weight", _VAE_NESTS)
     if any(k.startswith("encoder.down_blocks.") for k in sd):
         n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))

@@ -110,6 +110,7 @@ class Teacher(nn.Module):
     """
 
     is_embedded = False  # True only for the teacher whose weights ship with the installed packages
+    final_norm = "affine"  # "plain": the final LayerNorm without its affine (RAE; `plain_final_norm`)
     mean: torch.Tensor  # buffers (1, 3, 1, 1)
     std: torch.Tensor
 
@@ -152,6 +153,16 @@ class Teacher(nn.Module):
             raise ValueError(f"teacher expects images (B, 3, H, W) in [-1, 1], got shape {tuple(x.shape)}")
         return self.features(self.preprocess(x)).float()  # (B, N, D)
 
+    def plain_final_norm(self: TeacherT) -> TeacherT:
+        """Use the final LayerNorm without its affine: tokens LN(x) = (x - mean_c x) / std_c x per token.
+
+        RAE's encoder normalisation (arXiv 2510.11690; bytetriper/RAE `Dinov2withNorm(normalize=True)` drops
+        the weight and bias of DINOv2's last LayerNorm): the tokens a representation autoencoder encodes to.
+        The affine's tensors leave the state dict. Returns the teacher; one without a final norm to strip
+        raises ValueError.
+        """
+        raise ValueError(f"teacher {self.name!r} has no final LayerNorm to use without its affine")
+
     def train(self, mode: bool = True) -> Teacher:
         """Teachers stay in eval mode (frozen BatchNorm statistics, no dropout)."""
         return super().train(False)
@@ -162,7 +173,8 @@ class Teacher(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+        norm = ", final_norm='plain'" if self.final_norm == "plain" else ""
+        return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}{norm}"
 
 
 def resample_tokens(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import (
@@ -129,7 +130,16 @@ class EfficientNetTeacher(Teacher):
             x = stage(x)
         if self.feature == "head":
             x = m.bn2(m.conv_head(x))  # (B, 1280, h/32, w/32)
-        return x.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
+        if self.final_norm == "plain":  # RAE's token normalisation (`plain_final_norm`)
+            tokens = F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
+        return tokens
+
+    def plain_final_norm(self) -> EfficientNetTeacher:
+        """A CNN has no final LayerNorm: its tokens get a parameter-free one, LN over each token's channels,
+        so that they are normalised as RAE normalises a ViT's (its final LayerNorm without the affine)."""
+        self.final_norm = "plain"
+        return self
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", feature={self.feature!r}, embedded=True"

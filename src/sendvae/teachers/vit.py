@@ -195,6 +195,18 @@ class ViTTeacher(Teacher):
         tokens = self.model.forward_features(x)  # (B, prefix + gh*gw, D), final norm applied
         return tokens[:, self.num_prefix_tokens :]  # (B, gh*gw, D)
 
+    def plain_final_norm(self) -> ViTTeacher:
+        """The final LayerNorm replaced by one without affine (same eps): RAE's `Dinov2withNorm`."""
+        norm = self.model.norm
+        if not isinstance(norm, nn.LayerNorm):
+            raise ValueError(
+                f"teacher {self.name!r} ends in a {type(norm).__name__}, not the LayerNorm whose affine RAE "
+                "drops"
+            )
+        self.model.norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+        self.final_norm = "plain"
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------
 # Weight layouts -> timm names

@@ -21,21 +21,30 @@ from ..losses.lpips import (
     trunk_cache_path,
 )
 from ..models.discriminator import NLayerDiscriminator, load_discriminator
+from ..models.rae import RAE
+from ..models.rae_decoder import RAE_DECODERS
 from ..models.vae import VAE_CONFIGS, AutoencoderKL
 from ..models.vae_io import load_vae
 from ..teachers.config import build_from_config
 from .latent_init import device_of, initial_latent_stats
+from .rae import build_rae_for, is_rae
 
 if TYPE_CHECKING:
     from ..teachers import Teacher
     from .vae_config import TrainVAEConfig
 
 
-def build_vae_for(cfg: TrainVAEConfig, logger=None) -> AutoencoderKL:
-    """The VAE preset, initialised from ``--model.vae_ckpt`` when given (strict: same architecture)."""
+def build_vae_for(
+    cfg: TrainVAEConfig, logger=None, device: torch.device | str = "cpu"
+) -> AutoencoderKL | RAE:
+    """The VAE preset, initialised from ``--model.vae_ckpt`` when given (strict: same architecture); or an
+    RAE (``--model.vae rae-*``: the ``--teacher.*`` encoder, frozen, on ``device``, and a ViT decoder)."""
     m = cfg.model
+    if is_rae(m.vae):
+        return build_rae_for(cfg, build_teacher_for(cfg, torch.device(device)), device, logger)
     if m.vae not in VAE_CONFIGS:
-        raise ValueError(f"unknown VAE preset {m.vae!r}; choose one of: {', '.join(VAE_CONFIGS)}")
+        names = ", ".join([*VAE_CONFIGS, *RAE_DECODERS])
+        raise ValueError(f"unknown VAE preset {m.vae!r}; choose one of: {names}")
     res, f = cfg.data.resolution, None
     vae = load_vae(m.vae_ckpt, config=m.vae) if m.vae_ckpt else load_vae(m.vae)
     f = vae.downsample_factor

@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..align import alignment_for
 from ..data import build_dataset, to_float
 from ..losses.vae_loss import VAELoss
+from ..models.rae import RAE
+from ..models.vae import AutoencoderKL
 from ..runtime.distributed import DistInfo
 from ..runtime.log import RunLogger
 from ..teachers import resample_tokens
@@ -70,11 +72,12 @@ class VAETrainer(TrainerBase):
         self.dataset = build_dataset(cfg.data, seed=cfg.run.seed)
         self.max_steps = self.steps_for(len(self.dataset))
 
-        vae = build_vae_for(cfg, logger)
+        vae = build_vae_for(cfg, logger, device=dev)  # an RAE (--model.vae rae-*) measures statistics on dev
         # --loss.align, chosen once: its entry decides on the teacher, the head, the loss and the export
         self.alignment = alignment_for(cfg)
         self.teacher = build_teacher_for(cfg, dev) if self.alignment.needs_teacher else None
-        head = build_head(cfg, vae, self.teacher, logger=logger)
+        # an RAE has no alignment head (train/rae.py refuses --loss.align for it)
+        head = build_head(cfg, vae, self.teacher, logger=logger) if isinstance(vae, AutoencoderKL) else None
         grid = self.alignment.token_grid(head) if head is not None else None
         self.cotrained = self.alignment.cotrained(head) if head is not None else None
         self.model = SendVAEModel(vae, head, cfg.model.sample_posterior, grid).to(dev)
@@ -83,11 +86,20 @@ class VAETrainer(TrainerBase):
                 if hasattr(m, "grad_checkpointing"):
                     setattr(m, "grad_checkpointing", True)  # noqa: B010 (nn.Module's typing hides the flag)
         if cfg.optim.freeze_decoder:
+            assert isinstance(vae, AutoencoderKL)  # an RAE refuses the option (train/rae.py)
             for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
                 p.requires_grad_(False)
         if self.cl:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(vae).requires_grad_(False).eval() if cfg.model.ema else None
+        # the layers the adaptive weights differentiate: the decoder's output conv and the encoder's (an RAE:
+        # its decoder's output linear, and no encoder layer, the encoder being frozen)
+        self.enc_last: torch.Tensor | None
+        self.dec_last, self.enc_last = (
+            vae.last_layers()
+            if isinstance(vae, RAE)
+            else (vae.decoder.conv_out.weight, vae.encoder.conv_out.weight)
+        )
 
         use_gan = cfg.loss.gan_weight > 0
         self.disc = build_disc(cfg).to(dev) if use_gan else None
@@ -211,8 +223,8 @@ class VAETrainer(TrainerBase):
                     pred,
                     target,
                     gan_on,
-                    dec_last=vae.decoder.conv_out.weight,
-                    enc_last=vae.encoder.conv_out.weight,
+                    dec_last=self.dec_last,
+                    enc_last=self.enc_last,
                 )
                 (loss / k if k > 1 else loss).backward()
             accumulate_terms(terms, g_terms, k)

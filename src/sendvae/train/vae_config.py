@@ -28,13 +28,19 @@ from ..align.names import NAMES, PAPER, alignment_help, paper_align_weight
 from ..align.repae import JointSiTConfig
 from ..config import PresetRegistry, option, positive, unit_interval
 from ..data.config import DataConfig
+from ..data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from ..teachers.config import TeacherConfig
 from .common import RunConfig, batch_size_option, grad_accum_option
 
 
 @dataclass
 class ModelConfig:
-    vae: str = option("f16d32", "VAE architecture preset (see `sendvae info`)")
+    vae: str = option(
+        "f16d32",
+        "VAE architecture preset (see `sendvae info`), or an RAE decoder (rae-vit-b, rae-vit-l, rae-vit-xl, "
+        "rae-tiny): the frozen --teacher.* encoder's patch tokens as latents and this ViT decoder "
+        "(train/rae.py)",
+    )
     vae_ckpt: str | None = option(None, "initial VAE weights: LDM .ckpt, diffusers folder, or .pt state dict")
     disc_ckpt: str | None = option(None, "initial PatchGAN discriminator weights")
     disc_ndf: int = option(64, "discriminator base width", min=1)
@@ -47,6 +53,16 @@ class ModelConfig:
         "the SiT in the backward pass (less memory, ~1 more forward)",
     )
     sample_posterior: bool = option(True, "decode z ~ q(z|x) (True) or the posterior mean (False)")
+    rae_noise_tau: float = option(
+        0.8,
+        "RAE: the decoder reads z + sigma eps in training, one sigma per image of scale tau (0: off)",
+        min=0,
+    )
+    rae_noise: str = option(
+        "halfnormal",
+        "RAE: sigma ~ |N(0, tau^2)| (halfnormal: the paper) or U(0, tau) (uniform: RAE's public code)",
+        choices=("halfnormal", "uniform"),
+    )
 
 
 @dataclass
@@ -242,4 +258,66 @@ def _shapes_tiny() -> TrainVAEConfig:
     s.model, s.depth, s.hidden_size, s.num_heads = "SiT-S/2", 4, 128, 4
     s.encoder_depth, s.projector_dim, s.lr, s.ema_decay = 2, 256, 3e-4, 0.99
     s.grid_mismatch = "resample_teacher"
+    return cfg
+
+
+# ImageNet train images per epoch at RAE's global batch 512: ceil(1281167 / 512)
+_RAE_STEPS_PER_EPOCH = 2503
+
+
+@PRESETS.register("rae-dinov2-b")
+def _rae_dinov2_b() -> TrainVAEConfig:
+    # RAE's stage 1 (Zheng et al., arXiv 2510.11690; bytetriper/RAE: configs/stage1/training/
+    # DINOv2-B_decXL.yaml, configs/decoder/ViTXL/config.json, src/train_stage1.py, src/stage1/rae.py):
+    # the frozen DINOv2-B/14 with registers at 224 px (Dinov2withNorm, normalize=True: its last LayerNorm
+    # without affine; the 1 cls + 4 register tokens dropped) -> 768 x 16 x 16; a ViT-XL decoder (1152 wide,
+    # 28 blocks, 16 heads, MLP 4096) to 16 x 16 patches of 256 px; noise tau 0.8; 16 epochs of ImageNet,
+    # global batch 512, AdamW lr 2e-4, betas (0.9, 0.95), wd 0, no gradient clipping, EMA 0.9978;
+    # L1 + LPIPS 1.0 + GAN 0.75 times the adaptive weight at the decoder's last layer (decoder_pred, clamped
+    # at 1e4), the GAN from epoch 8. The DINOv2 file is the user's (--teacher-weights
+    # dinov2_vitb14_reg4_pretrain.pth), as for every ViT teacher.
+    # Where ours differs: RAE's L1 is on [0, 1] pixels, ours on [-1, 1], hence recon_weight 0.5 (the same
+    # balance against LPIPS); RAE warms the lr up over 1 epoch then decays it cosine to 2e-5, our trainer
+    # warms up and stays constant; RAE's discriminator is a frozen DINO-S/8 with trainable heads and DiffAug
+    # (updated from epoch 6), ours the PatchGAN with hinge losses for both sides (RAE's generator term is
+    # the non-saturating one); the latent normalisation is per channel (RAE's stat.pt: per channel and
+    # position), measured over --run.stats_images training images before the decoder trains.
+    cfg = TrainVAEConfig(preset="rae-dinov2-b")
+    cfg.data.name, cfg.data.resolution = "prepared", 256
+    cfg.model.vae, cfg.model.rae_noise_tau, cfg.model.rae_noise = "rae-vit-xl", 0.8, "halfnormal"
+    cfg.model.ema, cfg.model.ema_decay = True, 0.9978
+    cfg.teacher.enc_type = "dinov2-vit-b-reg"  # 224 px input for 256 px images (the teacher's rule)
+    cfg.loss.align = "none"  # the latent is the teacher's representation: nothing to align
+    cfg.loss.recon, cfg.loss.recon_weight = "l1", 0.5
+    cfg.loss.lpips_variant, cfg.loss.lpips_net, cfg.loss.lpips_weight = "lpips", "vgg", 1.0
+    cfg.loss.kl_weight = 0.0  # a frozen encoder's KL is 0 anyway
+    cfg.loss.gan_weight, cfg.loss.gan_adaptive, cfg.loss.disc_loss = 0.75, True, "hinge"
+    cfg.loss.gan_start = 8 * _RAE_STEPS_PER_EPOCH
+    o = cfg.optim
+    o.batch_size, o.lr, o.disc_lr, o.betas, o.weight_decay = 512, 2e-4, 2e-4, (0.9, 0.95), 0.0
+    o.grad_clip, o.warmup_steps, o.epochs, o.max_steps = 0.0, _RAE_STEPS_PER_EPOCH, 16.0, None
+    return cfg
+
+
+@PRESETS.register("rae-tiny")
+def _rae_tiny() -> TrainVAEConfig:
+    # The RAE on the embedded example, CPU minutes: Fashion-MNIST at 32 px, the bundled EfficientNet-Lite0
+    # as the frozen encoder (stride-16 features at 128 px input: 112 x 8 x 8 latents, 64 tokens as the
+    # demo's tiny-f4d4 VAE gives; a SiT on them must be >= 112 wide at patch 1), the rae-tiny decoder
+    # (128 wide, 4 blocks, 4 x 4 patches). The loss as RAE's, scaled down as shapes-tiny's: L1, a light
+    # bundled ST-LPIPS, and a late adaptive-weight PatchGAN. Measured: BENCHMARKS.md, "RAE".
+    cfg = TrainVAEConfig(preset="rae-tiny")
+    cfg.run.log_every, cfg.run.ckpt_every, cfg.run.sample_every = 25, 250, 250
+    cfg.run.stats_images = 2048
+    cfg.data.name, cfg.data.resolution, cfg.data.num_workers = "fashion-mnist", 32, 1
+    cfg.data.path = FASHION_MNIST_ROOT  # the Debian package's folder (apt-get install dataset-fashion-mnist)
+    cfg.model.vae, cfg.model.rae_noise_tau = "rae-tiny", 0.8
+    cfg.model.disc_ndf, cfg.model.disc_layers = 32, 2
+    cfg.teacher.enc_type, cfg.teacher.input_size = "efficientnet-lite0", 128
+    cfg.loss.align = "none"
+    cfg.loss.recon, cfg.loss.kl_weight = "l1", 0.0
+    cfg.loss.lpips_variant, cfg.loss.lpips_net, cfg.loss.lpips_weight = "stlpips", "alex", 0.1
+    cfg.loss.gan_weight, cfg.loss.gan_adaptive, cfg.loss.gan_start = 0.1, True, 300
+    cfg.optim.batch_size, cfg.optim.lr, cfg.optim.betas = 16, 1e-3, (0.9, 0.95)
+    cfg.optim.warmup_steps, cfg.optim.epochs, cfg.optim.max_steps = 20, None, 500
     return cfg

@@ -16,13 +16,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..models.rae import RAE, RAEPosterior
 from ..models.vae import AutoencoderKL, DiagonalGaussian
 
 
 class SendVAEModel(nn.Module):
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | RAE,
         head: nn.Module | None,
         sample_posterior: bool = True,
         token_grid: tuple[int, int] | None = None,
@@ -39,7 +40,7 @@ class SendVAEModel(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cond: Any = None
-    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, DiagonalGaussian | RAEPosterior, torch.Tensor, torch.Tensor | None]:
         """``cond``: what the head reads beside z this step, drawn by the variant's co-trained model
         (REPA-E: the SiT's t, noise and labels); None for a head that reads z alone."""
         posterior = self.vae.encode(x)
