@@ -311,6 +311,7 @@ def test_run_training_returns_how_the_run_ended(tmp_path):
     first = run_training(cfg, VAETrainer, export_run, echo=False)
     rows = read_stats(tmp_path / "run" / "stats.jsonl")
     assert first.step == 3 and first.last["step"] == 3 and first.last["rec"] == rows[-1]["rec"]
+    assert all(isinstance(v, (int, float, str)) for v in first.last.values())  # plain values (JSON records)
     assert first.export == tmp_path / "run" / "export" / "vae" and (first.export / "config.json").is_file()
     again = run_training(cfg, VAETrainer, export_run, echo=False)  # resumed at its end: nothing to train
     assert again.step == 3 and again.last["rec"] == first.last["rec"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import config_record
 from ..runtime.checkpoint import atomic_write_json, sweep_temp_files
 from ..runtime.distributed import cleanup, init_distributed
@@ -74,7 +76,8 @@ def _run_locked(cfg: Any, dist: Any, run_dir: Path, make_trainer, export, echo: 
             sink.close()
     # a run resumed at its end logged nothing in this process: its last row is the one on disk
     last = trainer.last_logged or (read_stats(run_dir / "stats.jsonl") or [{}])[-1]
-    return RunResult(run_dir, trainer.step, dict(last), out)
+    last = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in last.items()}  # once, at the end
+    return RunResult(run_dir, trainer.step, last, out)
 
 
 def _written_folders(run_dir: Path) -> list[Path]:
