@@ -27,7 +27,7 @@ from sendvae.data.latent_store import (
     state_fingerprint,
     vae_fingerprint,
 )
-from sendvae.data.shapes import ShapesConfig
+from sendvae.data.shapes_config import ShapesConfig
 from sendvae.models.vae_io import load_vae
 
 RES, N, SHARD = 32, 36, 8  # 5 shards, the last one partial

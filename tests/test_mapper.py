@@ -9,13 +9,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from sendvae.align.mapper import (
-    GridMismatchError,
-    LatentNorm,
-    Mapper,
-    MapperConfig,
-    resolve_patch_size,
-)
+from sendvae.align.latent_norm import LatentNorm
+from sendvae.align.mapper import GridMismatchError, Mapper, MapperConfig, resolve_patch_size
 from sendvae.align.vf import VFProjector
 from sendvae.losses.cosine import cosine_alignment_loss
 from sendvae.models.layers import sincos_pos_embed_2d

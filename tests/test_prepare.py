@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from sendvae import cli
 from sendvae.commands import prepare as prepare_cmd
 from sendvae.data.imagefolder import ImageFolderDataset
-from sendvae.data.prepared import STOP_AFTER_ENV, PreparedDataset, prepare_dataset
+from sendvae.data.prepared import STOP_AFTER_ENV, prepare_dataset
+from sendvae.data.prepared_dataset import PreparedDataset
 from tests.test_imagefolder import LOOP_LAYOUTS, finish_within, make_loop_folder, skipped_link_warnings
 
 RES = 32
@@ -286,7 +287,8 @@ def test_cli_shapes_source(tmp_path):
                    "--num-images", "6", "--workers", "0", "--no-progress"])  # fmt: skip
     assert prepare_cmd.run(args) == 0
     ds = PreparedDataset(tmp_path / "out")
-    from sendvae.data.shapes import ShapesConfig, ShapesDataset
+    from sendvae.data.shapes import ShapesDataset
+    from sendvae.data.shapes_config import ShapesConfig
 
     ref = ShapesDataset(ShapesConfig(resolution=32, seed=0, length=6))
     assert ds.classes == list(ref.class_names)

@@ -8,14 +8,8 @@ import torch
 from matplotlib.path import Path
 from scipy import ndimage
 
-from sendvae.data.shapes import (
-    ATTRIBUTES,
-    BACKGROUND_COLOURS,
-    OCCLUDED_THRESHOLD,
-    ShapesConfig,
-    ShapesDataset,
-    uniforms,
-)
+from sendvae.data.shapes import ShapesDataset, uniforms
+from sendvae.data.shapes_config import ATTRIBUTES, BACKGROUND_COLOURS, OCCLUDED_THRESHOLD, ShapesConfig
 from sendvae.data.shapes_render import (
     DEFAULT_SHAPES,
     DEPTH_BACKGROUND,

@@ -67,7 +67,8 @@ from ..train.common import (
 )
 from ..train.latent_init import device_of
 from .base import NOISY_LATENT, AlignInputs, Alignment, HeadContext
-from .mapper import GRID_MISMATCH_MODES, LatentNorm
+from .latent_norm import LatentNorm
+from .mapper import GRID_MISMATCH_MODES
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL

@@ -24,7 +24,8 @@ import torch
 
 from ..data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST
 from ..data.imagefolder import center_crop_adm, load_rgb, pil_to_tensor
-from ..data.shapes import ShapesDataset, scene_config
+from ..data.shapes import ShapesDataset
+from ..data.shapes_config import scene_config
 
 # Shapes attributes probed one by one, by group; `rotation` is left out (ill-defined for symmetric shapes).
 SHAPES_GROUPS: dict[str, tuple[str, ...]] = {

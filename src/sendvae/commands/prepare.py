@@ -74,7 +74,8 @@ def build_source(args: argparse.Namespace) -> tuple[str | os.PathLike | Dataset,
 
         ds = FashionMNIST(args.src, split=args.split, resolution=args.resolution)
         return ds, f"fashion-mnist:{ds.root.resolve()}:{args.split}:{args.resolution}:bicubic"
-    from sendvae.data.shapes import ShapesConfig, ShapesDataset
+    from sendvae.data.shapes import ShapesDataset
+    from sendvae.data.shapes_config import ShapesConfig
 
     cfg = ShapesConfig(resolution=args.resolution, seed=args.seed, length=args.num_images)
     return ShapesDataset(cfg), f"shapes:{cfg!r}"

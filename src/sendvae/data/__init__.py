@@ -15,8 +15,10 @@ import torch
 from .config import DataConfig
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolderDataset, center_crop_adm
-from .prepared import PreparedDataset, prepare_dataset
-from .shapes import ATTRIBUTES, ShapesConfig, ShapesDataset, scene_config
+from .prepared import prepare_dataset
+from .prepared_dataset import PreparedDataset
+from .shapes import ShapesDataset
+from .shapes_config import ATTRIBUTES, ShapesConfig, scene_config
 from .transforms import to_float, to_uint8
 
 __all__ = [

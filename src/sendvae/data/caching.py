@@ -32,7 +32,7 @@ from . import build_dataset
 from . import latent_store as ls
 from .config import DataConfig
 from .latent_store import LatentStore
-from .prepared import read_index
+from .prepared_dataset import read_index
 from .transforms import to_float
 
 if TYPE_CHECKING:

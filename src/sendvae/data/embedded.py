@@ -30,7 +30,8 @@ import torch
 
 from .config import DataConfig
 from .fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST, find_fashion_mnist_files
-from .shapes import ShapesDataset, scene_config
+from .shapes import ShapesDataset
+from .shapes_config import scene_config
 
 EMBEDDED = ("fashion-mnist", "shapes")
 FMNIST_TEST_HALF = 5000  # test images per held-out part (reference | eval)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..align import load_exported_head
-from ..data.shapes import ShapesDataset, scene_config
+from ..data.shapes import ShapesDataset
+from ..data.shapes_config import scene_config
 from ..data.shapes_render import DEPTH_BACKGROUND
 from ..data.transforms import to_float
 from ..diffusion.generate import make_labels
@@ -108,7 +109,7 @@ def train_downstream(
 
     vae: a train-vae export folder: the teacher (name, input size, weights) and resolution its alignment
     head was aligned to; else ``enc_type`` (default: the embedded teacher) at ``resolution``, with input
-    side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene (`data.shapes.SCENES`).
+    side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene (`data.shapes_config.SCENES`).
     """
     if num_images < 1 or steps < 1 or batch_size < 1:
         raise ValueError("--num-images, --head-steps and --batch-size must be >= 1")

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..data.embedded import Embedded
 from ..data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, find_fashion_mnist_files
-from ..data.shapes import scene_config
+from ..data.shapes_config import scene_config
 from ..metrics.frechet import feature_statistics, frechet_distance
 from ..runtime.checkpoint import atomic_write_bytes
 
