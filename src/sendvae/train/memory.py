@@ -8,8 +8,8 @@
   moments per trained parameter (counted after a first step has made them).
 * The step's peak above the resting state: gradients, activations kept for the backward pass, and
   temporaries. Measured: a warm-up step (it allocates the optimizer states), then steps at micro-batches
-  b and 2 b; activations grow linearly with the micro-batch, so peak(m) = fixed + per_image x m,
-  extrapolated to the run's micro-batch m (b doubles from 1 until the slope shows, see `measure`). On a
+  1, 2, 4, ...; activations grow linearly with the micro-batch, so peak(m) = fixed + per_image x m,
+  extrapolated to the run's micro-batch m from the first two sizes on that line (see `measure`). On a
   GPU the peak is ``torch.cuda.max_memory_allocated``; on a CPU it is the peak of the bytes of live tensor
   storages, followed through every ATen op by a TorchDispatchMode (`LiveTensorBytes`: a storage counts
   from the op that made it until Python frees it).
@@ -51,7 +51,7 @@ from .vae import VAETrainer
 from .vae_config import TrainVAEConfig
 
 GIB = 2**30
-SLOPE_SEEN = 0.25  # `measure`: the growth from b to 2 b images that shows the activations' slope
+SLOPE_AGREES = 0.1  # `measure`: two successive slopes this close (relative) are the linear part
 HEADROOM = 0.10  # the share of a GPU's memory a plan keeps free (context, workspaces, fragmentation)
 PLAN_PROCESSES = (1, 2, 4, 8)
 PLAN_GPU_GIB = (24, 40, 80)
@@ -197,7 +197,7 @@ def resting_state(trainer: TrainerBase, total: int) -> RestingState:
             rest.by_holder[path] = rest.by_holder.get(path, 0) + n
         rest.trained += sum(p.numel() * p.element_size() for p in trained)
     other = total - sum(rest.by_holder.values())
-    if abs(other) >= 2**20:
+    if abs(other) >= max(2**24, total // 100):
         rest.by_holder["other"] = other
     return rest
 
@@ -251,34 +251,39 @@ def _probe_batch(trainer: TrainerBase, n: int) -> Any:
 def measure(make: Callable[[], TrainerBase], device: torch.device, target: int) -> MemoryEstimate:
     """Build a trainer (``make()``, one process on ``device``) and measure what building it and a warm-up
     step at micro-batch 1 leave allocated (the resting state, optimizer states included), then the peak
-    of a step at micro-batches b and 2 b above it, from b = 1.
+    of steps at micro-batches 1, 2, 4, ... above it.
 
     A step's peak is the larger of the forward / backward peak (linear in the micro-batch) and the
-    optimizer's (gradients and the update's temporaries, independent of it); while the second is the larger
-    one, two sizes show no slope. So b doubles until the peak grows by `SLOPE_SEEN` of itself from b to 2 b,
-    or 2 b reaches ``target`` (the run's micro-batch, then measured, not extrapolated).
+    optimizer's (gradients and the update's temporaries, independent of it), flat in the micro-batch. So the
+    sizes double until the peak rises from n/2 to n and the two successive slopes, (n/4 -> n/2) and
+    (n/2 -> n), agree within `SLOPE_AGREES` (both on the line), or n reaches ``target`` (the run's
+    micro-batch, then measured, not extrapolated); the estimate is the line through n/2 and n.
     """
     with Allocated(device) as built:
         trainer = make()
         _step(trainer, 1)
     resting = built.now()
-    b, peaks = 1, {}
+    peaks: dict[int, int] = {}
+    n = 1
     while True:
-        for n in (b, 2 * b):
-            if n not in peaks:
-                with Allocated(device) as step:
-                    _step(trainer, n)
-                peaks[n] = step.peak()
-        if peaks[2 * b] - peaks[b] >= SLOPE_SEEN * peaks[b] or 2 * b >= target:
+        with Allocated(device) as step:
+            _step(trainer, n)
+        peaks[n] = step.peak()
+        if n >= 4:
+            s1, s2 = (peaks[n // 2] - peaks[n // 4]) / (n // 4), (peaks[n] - peaks[n // 2]) / (n // 2)
+            rising = peaks[n] - peaks[n // 2] > 0.01 * peaks[n // 2]  # past the optimizer's flat peak
+            if (rising and abs(s2 - s1) <= SLOPE_AGREES * s2) or n >= target:
+                break
+        elif n >= max(target, 2):
             break
-        b *= 2
+        n *= 2
     amp = getattr(trainer, "amp", None)
     return MemoryEstimate(
         device=str(device),
         autocast=str(amp).replace("torch.", "") if amp is not None else "none (fp32)",
         resting=resting_state(trainer, resting),
-        sizes=(b, 2 * b),
-        step_peaks=(peaks[b], peaks[2 * b]),
+        sizes=(n // 2, n),
+        step_peaks=(peaks[n // 2], peaks[n]),
     )
 
 
@@ -424,7 +429,10 @@ def describe(est: MemoryEstimate | None, batch: int, accum: int, world: int) -> 
         cells = []
         for g in PLAN_GPU_GIB:
             k = smallest_accum(est, batch, w, g)
-            cells.append(f"{k} ({batch // (w * k)})" if k else "no")
+            cells.append("-" if batch % w else f"{k} ({batch // (w * k)})" if k else "no")
         lines.append(f"  {w:>9}" + "".join(f"{c:>16}" for c in cells))
-    lines.append("  (no: micro-batch 1 does not fit; --model.grad_checkpointing true lowers the activations)")
+    lines.append(
+        "  (no: micro-batch 1 does not fit, --model.grad_checkpointing true lowers the activations; "
+        "-: the batch does not split over that many processes)"
+    )
     return "\n".join(lines)
