@@ -1,5 +1,6 @@
 """The FID Inception port: TF1 resize, pt_inception key layout and features against pytorch-fid."""
 
+import copy
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from sendvae.metrics.inception import (
     WEIGHTS_FILE,
+    ConvBNReLU,
     FIDInceptionV3,
     _pool,
     load_fid_inception,
@@ -69,12 +71,16 @@ def _gather_tf1_resize(x, size):
 )
 def test_tf1_resize_row_gathers_are_bit_identical(size_in, size_out):
     """The two-pass row-gather implementation gives the same bits as gathering pixel by pixel, for NCHW
-    and channels-last input, and returns contiguous NCHW memory."""
+    and channels-last input (gathered as NHWC rows), and keeps the input's memory format."""
     x = torch.rand(2, 3, *size_in) * 255
     want = _gather_tf1_resize(x, size_out)
-    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-        got = tf1_bilinear_resize(inp, size_out)
-        assert torch.equal(got, want) and got.is_contiguous()
+    got = tf1_bilinear_resize(x, size_out)
+    assert torch.equal(got, want) and got.is_contiguous()
+    got = tf1_bilinear_resize(x.contiguous(memory_format=torch.channels_last), size_out)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+    nhwc_uint8 = (x.round().to(torch.uint8)).permute(0, 2, 3, 1).contiguous()  # ADM's layout, as prepare
+    as_float = nhwc_uint8.permute(0, 3, 1, 2).float()  # gives it: channels-last
+    assert torch.equal(tf1_bilinear_resize(as_float, size_out), _gather_tf1_resize(as_float, size_out))
 
 
 @pytest.mark.parametrize(
@@ -124,8 +130,25 @@ def _random_state_dict(seed=0):
     return net.state_dict()
 
 
+def _unfolded(net, images):
+    """net(images) through conv -> BN -> ReLU as written (ConvBNReLU folds BN only without autograd
+    through the weights): the pt_inception arithmetic step by step."""
+    net.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            return {k: v.detach() for k, v in net(images).items()}
+    finally:
+        net.requires_grad_(False)
+
+
 def test_features_match_pytorch_fid(tmp_path, monkeypatch):
-    """Our module against pytorch-fid's FID Inception (torchvision Inception3 + FIDInception blocks)."""
+    """Our module against pytorch-fid's FID Inception (torchvision Inception3 + FIDInception blocks).
+
+    Conv -> BN -> ReLU as written gives pytorch-fid's features to the last bits (the same kernels on the
+    same channels-last input); the evaluation path, BN folded into the convs (oneDNN's fused conv + ReLU
+    on CPU), agrees to float32 rounding: within 1e-5 of the largest feature (measured ~1e-6; these
+    random weights make pool_3 features up to ~1200, so an absolute 1e-4 is one float32 step there).
+    """
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
     state = _random_state_dict()
     path = tmp_path / WEIGHTS_FILE
@@ -144,14 +167,88 @@ def test_features_match_pytorch_fid(tmp_path, monkeypatch):
     with torch.no_grad():
         out = ours(images)
         logits_biased = oracle((images.permute(0, 3, 1, 2).float() - 128) / 128)
+    spatial = captured["b1x1"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's NHWC order
+    logits = logits_biased - oracle.fc.bias  # ADM's IS logits have no bias
 
     assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 2023)
     assert out["pool"].std() > 0.05  # non-degenerate features, so the comparison means something
-    assert (out["pool"] - captured["pool"]).abs().max() < 1e-4
-    spatial = captured["b1x1"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's NHWC order
-    assert (out["spatial"] - spatial).abs().max() < 1e-4
-    logits = logits_biased - oracle.fc.bias  # ADM's IS logits have no bias
+    exact = _unfolded(ours, images)
+    assert (exact["pool"] - captured["pool"]).abs().max() < 1e-4
+    assert (exact["spatial"] - spatial).abs().max() < 1e-4
+    for name, want in (("pool", captured["pool"]), ("spatial", spatial), ("logits", logits)):
+        assert (out[name] - want).abs().max() < 1e-5 * want.abs().max(), name
     assert (out["logits"] - logits).abs().max() < 1e-3 * logits.abs().max()
+
+
+def test_folded_bn_matches_unfolded_and_follows_weight_changes():
+    """Eval without autograd folds each BN into its conv (cached): the features equal conv -> BN -> ReLU
+    within 1e-5 relative, and a new state dict or an in-place edit of a BN statistic refolds."""
+    net = FIDInceptionV3()
+    net.load_state_dict(_random_state_dict(seed=0))
+    net.eval().requires_grad_(False)
+    torch.manual_seed(3)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+
+    def check():
+        with torch.no_grad():
+            folded = net(images)
+        unfolded = _unfolded(net, images)
+        for name in ("pool", "spatial", "logits"):
+            err = (folded[name] - unfolded[name]).abs().max() / unfolded[name].abs().max()
+            assert err < 1e-5, (name, err)
+        return folded
+
+    first = check()
+    net.load_state_dict(_random_state_dict(seed=1))
+    second = check()
+    assert not torch.allclose(first["pool"], second["pool"])
+    with torch.no_grad():
+        net.Mixed_7c.branch_pool.bn.running_var.mul_(4.0)  # the last BN before pool_3
+    third = check()
+    assert not torch.allclose(second["pool"], third["pool"])
+    assert copy.deepcopy(net).Mixed_7c.branch_pool._folded is None  # caches are not copied
+
+
+@pytest.mark.parametrize("kernel,padding,stride", [(1, 0, 1), (3, 1, 1), (3, 0, 2), ((1, 7), (0, 3), 1)])
+def test_conv_bn_relu_eval_paths_agree(kernel, padding, stride):
+    """A ConvBNReLU in eval: the folded conv (oneDNN fused conv + ReLU on CPU where the build has it, with
+    the weight packed per input shape) equals conv -> BN -> ReLU within 1e-5 relative, for NCHW and
+    channels-last input and a change of input shape; an input that requires grad gets its gradient."""
+    torch.manual_seed(4)
+    m = ConvBNReLU(16, 24, kernel_size=kernel, padding=padding, stride=stride)
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-0.5, 0.5)
+    m.eval().requires_grad_(False)
+
+    def reference(x):
+        return F.relu(m.bn(m.conv(x)))
+
+    for shape in ((2, 16, 13, 13), (3, 16, 9, 11), (2, 16, 13, 13)):
+        x = torch.randn(shape)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                got, want = m(inp), reference(inp)
+            assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    x = torch.randn(2, 16, 13, 13, requires_grad=True)
+    m(x).square().sum().backward()
+    x_ref = x.detach().requires_grad_(True)
+    reference(x_ref).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_same_features_for_every_uint8_layout():
+    """uint8 NHWC (channels-last all the way from the resize) and NCHW input (resized NCHW, then copied
+    channels-last) reach the convs as the same values: identical features."""
+    net = FIDInceptionV3().eval().requires_grad_(False)
+    torch.manual_seed(5)
+    nhwc = torch.randint(0, 256, (2, 80, 72, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = net(nhwc), net(nhwc.permute(0, 3, 1, 2).contiguous())
+    for name in ("pool", "spatial", "logits"):
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_input_conventions_agree():

@@ -84,7 +84,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="evaluate: also time precision / recall (float16 as ADM, and float32) on this many fixed random "
         "2048-d features per set, and print both results (default: %(default)s, skip)",
     )
+    p.add_argument(
+        "--threads",
+        type=thread_counts,
+        default=None,
+        help="evaluate: CPU thread counts to measure at, comma-separated (e.g. 1,2), one row and one "
+        "ratio to pytorch-fid per count (default: torch's current count)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows")
+
+
+def thread_counts(text: str) -> list[int]:
+    """'1,2' -> [1, 2]: positive thread counts for `bench evaluate --threads`."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return counts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,20 +189,23 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.sample_eval import bench_evaluate, bench_precision_recall
 
         batch = args.batch_size or (500 if gpu else 4)
-        r = bench_evaluate(dev, batch, args.resolution, args.iters, args.warmup)
-        rows.append(r)
-        print(
-            f"FID Inception at {r['resolution']} px, batch {r['batch']}: {r['img_s']:.1f} img/s; "
-            f"50k images: {r['seconds_for_50k']:.0f} s"
-        )
-        if r["vs_pytorch_fid"] is None:
-            print("pytorch-fid is not installed: no comparison")
-        else:
+        for threads in args.threads or [None]:
+            r = bench_evaluate(dev, batch, args.resolution, args.iters, args.warmup, threads=threads)
+            rows.append(r)
             print(
-                f"pytorch-fid InceptionV3 (pool_3 block), same weights: {r['pytorch_fid_img_s']:.1f} img/s; "
-                f"time ours / pytorch-fid {r['vs_pytorch_fid']:.2f} "
-                f"(median of {r['rounds']} interleaved rounds)"
+                f"FID Inception at {r['resolution']} px, batch {r['batch']}, {r['threads']} CPU thread(s): "
+                f"{r['img_s']:.1f} img/s (fastest round {r['img_s_best']:.1f}); "
+                f"50k images: {r['seconds_for_50k']:.0f} s"
             )
+            if r["vs_pytorch_fid"] is None:
+                print("pytorch-fid is not installed: no comparison")
+            else:
+                print(
+                    f"pytorch-fid InceptionV3 (pool_3 block), same weights and uint8 images: "
+                    f"{r['pytorch_fid_img_s']:.1f} img/s (fastest round {r['pytorch_fid_img_s_best']:.1f}); "
+                    f"time ours / pytorch-fid {r['vs_pytorch_fid']:.3f} (median of {r['rounds']} "
+                    f"interleaved rounds), {r['vs_pytorch_fid_best']:.3f} (fastest rounds)"
+                )
         if args.pr_features:
             r = bench_precision_recall(dev, args.pr_features)
             rows.append(r)

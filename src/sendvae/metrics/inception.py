@@ -11,6 +11,11 @@ The graph differs from torchvision's Inception3 in three places, all reproduced 
 - the input goes through ResizeBilinear to 299 (TF1 semantics, see tf1_bilinear_resize), then
   (x - 128) / 128 on 0-255 pixel values.
 
+For speed (none of it changes the state_dict): on CPU the network runs channels-last from the resize
+on, and in eval without autograd through the weights every conv -> BN -> ReLU runs as one conv with the
+BN folded into its weight and bias (ConvBNReLU), on CPU as oneDNN's fused conv + ReLU with a prepacked
+weight. The features equal the unfolded computation within float32 rounding (~1e-6 relative).
+
 Outputs, named after the TF tensors the ADM evaluator reads:
 - "pool": pool_3:0, (N, 2048), the FID features (and precision/recall);
 - "spatial": mixed_6/conv:0[..., :7] flattened in TF's (H, W, C) order, (N, 17 * 17 * 7 = 2023), the
@@ -23,6 +28,7 @@ Outputs, named after the TF tensors the ADM evaluator reads:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -37,6 +43,12 @@ WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (N, C, H, W) is laid out as a contiguous (N, H, W, C) array and not also NCHW-contiguous
+    (C == 1 or H == W == 1 are both)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """TF1 `tf.image.resize_bilinear` (align_corners=False, half_pixel_centers=False), (N, C, H, W).
 
@@ -45,10 +57,14 @@ def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     math is float32, each input row is first interpolated horizontally, left + (right - left) * wx,
     and each output row then blends the two rows around it, top + (bottom - top) * wy.
 
-    Both passes gather whole contiguous rows (index_select on a dim that is not the last one; the
-    horizontal pass works on a (N, C, W, H) copy), so the result is a contiguous NCHW tensor and
-    bit-identical to gathering pixel by pixel. Indexing the last dim instead was over 10x slower on
-    CPU (116 vs 5 ms for 4 images, 256 -> 299) and left a (N, H, C, W) memory layout behind.
+    Both passes gather runs of contiguous memory rather than single values, so the result is
+    bit-identical to gathering pixel by pixel at a fraction of the cost (gathering single values along
+    the last dim of an NCHW tensor was over 10x slower on CPU: 116 vs 5 ms for 4 images, 256 -> 299).
+    The result keeps the input's memory format. A channels-last input (uint8 NHWC images made float,
+    as prepare does) is resized in its (N, H, W, C) memory: the horizontal pass gathers the C values
+    of each source pixel from (N * H, W * C) rows, the vertical pass whole (w_out * C) rows; 3.7 vs
+    6.7 ms for the NCHW way plus a channels-last copy (4 images, 256 -> 299, one thread). Any other
+    input goes through a (N, C, W, H) copy for the horizontal pass and comes out contiguous NCHW.
     """
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"expected a float (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
@@ -64,6 +80,17 @@ def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     y0, y1, wy = coords(h_in, h_out)
     x0, x1, wx = coords(w_in, w_out)
+    if _is_channels_last(x):
+        n, c = x.shape[:2]
+        # A view with one image row of W pixels x C channels per row (index_select on the last dim of
+        # a 2-d tensor: 6x faster than of the 3-d (N, H, W * C) view, torch 2.14).
+        rows_in = x.permute(0, 2, 3, 1).reshape(n * h_in, w_in * c)
+        pixel = lambda i: (i[:, None] * c + torch.arange(c, device=x.device)).flatten()  # pixel -> its C
+        left, right = rows_in.index_select(1, pixel(x0)), rows_in.index_select(1, pixel(x1))
+        rows = (left + (right - left) * wx.repeat_interleave(c)).view(n, h_in, w_out * c)
+        top, bottom = rows.index_select(1, y0), rows.index_select(1, y1)  # (N, h_out, w_out * C)
+        out = top + (bottom - top) * wy[:, None]
+        return out.view(n, h_out, w_out, c).permute(0, 3, 1, 2)
     cols = x.transpose(2, 3).contiguous()  # (N, C, W, H): a column is a contiguous row here
     left, right = cols.index_select(2, x0), cols.index_select(2, x1)  # (N, C, w_out, H)
     rows = (left + (right - left) * wx[:, None]).transpose(2, 3).contiguous()  # (N, C, H, w_out)
@@ -78,9 +105,8 @@ def _pool(x: torch.Tensor, kind: str, stride: int = 1) -> torch.Tensor:
     On CPU an NCHW input is pooled in a channels-last copy and the result copied back to NCHW: ATen's
     NCHW CPU pooling kernels are 5-20x slower than its channels-last ones at these shapes (torch 2.14,
     the two copies included), and both take the window's max, or its sum in the same (row, column)
-    order, so the result is bit-identical. The output keeps the input's memory format, so the convs
-    after it run as they would without this (a channels-last input, e.g. uint8 NHWC images already at
-    299 px, runs channels-last throughout). On GPU the kernels are used as they are.
+    order, so the result is bit-identical. The output keeps the input's memory format. FIDInceptionV3
+    runs channels-last on CPU, so there it pools without copies; on GPU the kernels are used as they are.
     """
     nchw = x.device.type == "cpu" and x.is_contiguous()
     if nchw:
@@ -93,18 +119,115 @@ def _pool(x: torch.Tensor, kind: str, stride: int = 1) -> torch.Tensor:
     return y.contiguous() if nchw else y
 
 
+@functools.cache
+def _onednn_fused_conv() -> bool:
+    """Whether this torch build runs oneDNN's conv + bias + ReLU in one kernel with a prepacked weight
+    (mkldnn::_convolution_pointwise and _reorder_convolution_weight, the ops torch.compile's CPU weight
+    freezing emits): checked once, on a small conv against F.conv2d."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+            x, w, b = (torch.randn(shape, generator=gen) for shape in ((1, 3, 5, 5), (4, 3, 3, 3), (4,)))
+            ones = [1, 1]  # padding, stride and dilation
+            packed = torch.ops.mkldnn._reorder_convolution_weight(w, ones, ones, ones, 1, [1, 3, 5, 5])
+            y = torch.ops.mkldnn._convolution_pointwise(x, packed, b, ones, ones, ones, 1, "relu", [], "")
+            return torch.allclose(y, F.relu(F.conv2d(x, w, b, padding=1)), rtol=1e-4, atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+class ConvBNReLU(BasicConv2d):
+    """torchvision's BasicConv2d (conv without bias -> BatchNorm, eps 1e-3 -> ReLU), same submodules and
+    state_dict keys, with the BatchNorm folded into the conv where it is a fixed affine map.
+
+    In eval mode BN(y) = (y - mean) * s + beta with s = gamma / sqrt(var + eps) per output channel, so
+    BN(conv(x, W)) = conv(x, W * s[:, None, None, None]) + (beta - mean * s): one conv with a bias and
+    the ReLU, instead of a conv, a BN pass and a ReLU pass over every activation. The folded weight and
+    bias are computed in float64, cast to the weights' dtype, and cached; the cache is keyed on the
+    storage and version counter of the five tensors, so load_state_dict, in-place edits and .to() refold
+    on the next call (a module built under torch.inference_mode has no version counters: there only a
+    new storage refolds). The result differs from the unfolded one by float32 rounding (~1e-6 relative).
+
+    On CPU in float32 the folded conv and the ReLU run as one oneDNN kernel with the weight reordered
+    once into oneDNN's blocked layout for the input's shape (cached; a new input shape repacks), where
+    F.conv2d reorders it on every call and, single-threaded, sends small-batch 1x1 convs to ATen's
+    GEMM-based slow_conv2d instead of oneDNN.
+    Training mode, or autograd through the weights (grad mode on and a weight that requires grad), runs
+    the three unfolded steps; with grad mode on and an input that requires grad the folded conv runs as
+    F.conv2d, so gradients with respect to the input flow.
+    """
+
+    _folded: tuple[torch.Tensor, torch.Tensor] | None = None
+    _fold_key: tuple[object, ...] = ()
+    _packed: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (shape, weight, packed)
+
+    def _fold_sources(self) -> tuple[torch.Tensor, ...]:
+        bn = self.bn
+        assert bn.weight is not None and bn.bias is not None
+        assert bn.running_mean is not None and bn.running_var is not None
+        return self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (C_out, C_in, kh, kw), bias (C_out,)) of the conv with the eval-mode BN folded in."""
+        sources = self._fold_sources()
+        # Inference tensors (a module built under torch.inference_mode) have no version counter.
+        key = (self.bn.eps, *((t.data_ptr(), None if t.is_inference() else t._version) for t in sources))
+        if self._folded is None or key != self._fold_key:
+            dtype = self.conv.weight.dtype
+            # Plain tensors (not inference tensors), so that the cache serves outside inference mode too.
+            with torch.inference_mode(False), torch.no_grad():
+                w, gamma, beta, mean, var = (t.double() for t in sources)
+                scale = gamma / torch.sqrt(var + self.bn.eps)
+                self._folded = ((w * scale[:, None, None, None]).to(dtype), (beta - mean * scale).to(dtype))
+            self._fold_key = key
+        return self._folded
+
+    def _onednn_conv_relu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        shape = tuple(x.shape)
+        if self._packed is None or self._packed[0] != shape or self._packed[1] is not weight:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(shape))
+            self._packed = (shape, weight, packed)
+        return torch.ops.mkldnn._convolution_pointwise(x, self._packed[2], bias, *geometry, "relu", [], "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        if self.training or (grad and any(t.requires_grad for t in self._fold_sources())):
+            return super().forward(x)
+        weight, bias = self.folded()
+        if (
+            x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
+            and not (grad and x.requires_grad)
+            and torch.backends.mkldnn.enabled
+            and _onednn_fused_conv()
+        ):
+            return self._onednn_conv_relu(x, weight, bias)
+        return F.relu_(self.conv._conv_forward(x, weight, bias))
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickling and deepcopy drop the caches (a packed oneDNN weight has no storage to copy)."""
+        state = self.__dict__.copy()
+        for cache in ("_folded", "_fold_key", "_packed"):
+            state.pop(cache, None)
+        return state
+
+
 class BlockA(nn.Module):
     """35x35 block (mixed, mixed_1, mixed_2): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | pool-1x1."""
 
     def __init__(self, cin: int, pool_features: int):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        self.branch1x1 = ConvBNReLU(cin, 64, kernel_size=1)
+        self.branch5x5_1 = ConvBNReLU(cin, 48, kernel_size=1)
+        self.branch5x5_2 = ConvBNReLU(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = ConvBNReLU(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = ConvBNReLU(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = ConvBNReLU(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = ConvBNReLU(cin, pool_features, kernel_size=1)
 
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         b5 = self.branch5x5_2(self.branch5x5_1(x))
@@ -120,10 +243,10 @@ class BlockB(nn.Module):
 
     def __init__(self, cin: int):
         super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        self.branch3x3 = ConvBNReLU(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = ConvBNReLU(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = ConvBNReLU(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = ConvBNReLU(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -135,16 +258,16 @@ class BlockC(nn.Module):
 
     def __init__(self, cin: int, c7: int):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch1x1 = ConvBNReLU(cin, 192, kernel_size=1)
+        self.branch7x7_1 = ConvBNReLU(cin, c7, kernel_size=1)
+        self.branch7x7_2 = ConvBNReLU(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBNReLU(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBNReLU(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = ConvBNReLU(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBNReLU(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBNReLU(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBNReLU(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = ConvBNReLU(cin, 192, kernel_size=1)
 
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -163,12 +286,12 @@ class BlockD(nn.Module):
 
     def __init__(self, cin: int):
         super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        self.branch3x3_1 = ConvBNReLU(cin, 192, kernel_size=1)
+        self.branch3x3_2 = ConvBNReLU(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = ConvBNReLU(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = ConvBNReLU(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBNReLU(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBNReLU(192, 192, kernel_size=3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b3 = self.branch3x3_2(self.branch3x3_1(x))
@@ -184,15 +307,15 @@ class BlockE(nn.Module):
     def __init__(self, cin: int, pool: str):
         super().__init__()
         self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch1x1 = ConvBNReLU(cin, 320, kernel_size=1)
+        self.branch3x3_1 = ConvBNReLU(cin, 384, kernel_size=1)
+        self.branch3x3_2a = ConvBNReLU(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBNReLU(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBNReLU(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = ConvBNReLU(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = ConvBNReLU(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBNReLU(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = ConvBNReLU(cin, 192, kernel_size=1)
 
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         b3 = self.branch3x3_1(x)
@@ -211,11 +334,11 @@ class FIDInceptionV3(nn.Module):
     def __init__(self):
         super().__init__()
         # Stem: 299 -> 149 -> 147 -> 147 -> pool 73 -> 73 -> 71 -> pool 35.
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Conv2d_1a_3x3 = ConvBNReLU(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBNReLU(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = ConvBNReLU(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBNReLU(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = ConvBNReLU(80, 192, kernel_size=3)
         self.Mixed_5b = BlockA(192, pool_features=32)
         self.Mixed_5c = BlockA(256, pool_features=64)
         self.Mixed_5d = BlockA(288, pool_features=64)
@@ -254,9 +377,21 @@ class FIDInceptionV3(nn.Module):
         return (images.float() + 1.0) * 127.5
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (see prepare) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}.
+
+        On CPU the network runs channels-last: the resize, every conv (oneDNN's NHWC kernels; the
+        stem's 3x3 convs at 147x147 take about half the time of NCHW) and the pools, without layout
+        copies between them. uint8 NHWC input is channels-last as it comes (prepare's permute is a
+        view); other input is copied into that layout once, after the resize. On other devices a
+        resized input runs NCHW and a 299 px one in the layout it comes in.
+        """
         x = self.prepare(images)
         if x.shape[-2:] != (299, 299):
             x = tf1_bilinear_resize(x, (299, 299))
+            if x.device.type != "cpu":
+                x = x.contiguous()
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         x = (x - 128.0) / 128.0
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = _pool(x, "max", stride=2)
