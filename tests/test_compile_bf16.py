@@ -138,23 +138,26 @@ def test_train_vae_compiled_and_bf16_match_eager(tmp_path):
     assert graphs == 1  # one graph, compiled once over 4 steps of new images and posterior samples
     # measured: step 1 within 3.3e-7, steps 2-4 within 3.4e-3 (kl, g: AdamW's amplification, module docstring)
     _compare(compiled, eager, ("loss", "rec", "lpips", "kl", "align", "g", "d", "grad_norm"), 1e-5, 1e-2)
-    # bf16 with the mapper's noise (new t each step) and without the GAN (see the xfail below)
+    # bf16 with the mapper's noise (new t each step), no GAN (with it: test_train_vae_bf16_with_the_gan)
     no_gan = {"loss.gan_weight": 0}
     ref = _run("train-vae", args("eager-nogan", **no_gan), tmp_path / "eager-nogan")
     bf16 = _run("train-vae", args("bf16", **no_gan, **{"run.precision": "bf16"}), tmp_path / "bf16")
     _compare(bf16, ref, ("loss", "rec", "lpips", "kl", "align", "grad_norm"), 2e-2, 6e-2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="train/vae.py computes the generator loss outside the autocast of the VAE forward: the "
-    "discriminator (fp32 weights) meets the bf16 reconstruction (fix: VAELoss.generator under the same "
-    "autocast, as the discriminator's step is)",
-)
 def test_train_vae_bf16_with_the_gan(tmp_path):
-    args = tiny_train_args(tmp_path, steps=1, **{"loss.gan_start": 0, "run.precision": "bf16"})
-    main(["train-vae", *args, "--traceback"])
+    """bf16 autocast with the GAN from step 0: the generator's losses run under the forward's autocast
+    (LPIPS and the discriminator read the bf16 reconstruction; each term reduced in fp32) and match fp32's."""
+
+    def args(exp: str, **over) -> list[str]:
+        return tiny_train_args(tmp_path, exp=exp, steps=STEPS, **{"loss.gan_start": 0, **over})
+
+    ref = _run("train-vae", args("fp32"), tmp_path / "fp32")
+    bf16 = _run("train-vae", args("bf16", **{"run.precision": "bf16"}), tmp_path / "bf16")
+    # measured: step 1 within 0.6%; after, the VAE terms within 4.4% (lpips, step 4), the GAN's within 10.6%
+    # (g near 0 at step 2: -0.070 vs -0.080, relative to 0.1) and 5.7% (step 4)
+    _compare(bf16, ref, ("loss", "rec", "lpips", "kl", "align", "grad_norm"), 2e-2, 6e-2)
+    _compare(bf16, ref, ("g", "d"), 2e-2, 0.15)
 
 
 @pytest.mark.slow

@@ -213,19 +213,19 @@ class VAETrainer(TrainerBase):
             if self.disc is not None:
                 self.disc.requires_grad_(False)
             with self.no_sync(j, self.ddp_model):
-                with amp:
+                with amp:  # the losses too: LPIPS and the discriminator read the bf16 reconstruction
                     recon, posterior, z, pred = self.fwd(x, cond)
                     target = self.teacher_tokens(x) if self.teacher is not None else None
-                loss, g_terms = self.loss.generator(
-                    x,
-                    recon,
-                    posterior,
-                    pred,
-                    target,
-                    gan_on,
-                    dec_last=self.dec_last,
-                    enc_last=self.enc_last,
-                )
+                    loss, g_terms = self.loss.generator(  # every term reduced in fp32 (losses/vae_loss.py)
+                        x,
+                        recon,
+                        posterior,
+                        pred,
+                        target,
+                        gan_on,
+                        dec_last=self.dec_last,
+                        enc_last=self.enc_last,
+                    )
                 (loss / k if k > 1 else loss).backward()
             accumulate_terms(terms, g_terms, k)
 
