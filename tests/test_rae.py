@@ -278,3 +278,20 @@ def test_vit_plain_final_norm_is_the_teachers_norm_without_affine():
     tokens = plain(x)
     torch.testing.assert_close(tokens * w + b, own(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens.mean(-1), torch.zeros(tokens.shape[:2]), rtol=0, atol=1e-5)
+
+
+def test_the_study_row_has_the_vaes_token_grid_and_sit():
+    """`sendvae study`'s rae row: the decoder trains as many steps as a VAE row's pre-training + fine-tune,
+    the same SiT sees as many tokens (the teacher's 8 x 8 grid at 128 px = the tiny-f4d4's at 32 px)."""
+    from sendvae.pipeline.study import _variant
+    from sendvae.pipeline.study_config import VARIANTS, study_config
+
+    cfg = study_config("ci")
+    rae, vae = _variant(cfg, "rae", 0), _variant(cfg, "none", 0)
+    assert "rae" in VARIANTS and rae.vae.model.vae == "rae-tiny" and rae.vae.loss.align == "none"
+    assert rae.pretrain_steps == cfg.base.pretrain_steps + cfg.base.vae.optim.max_steps
+    assert rae.sit.model == vae.sit.model and rae.sit.optim == vae.sit.optim
+    assert (rae.sit.transport.time_shift, vae.sit.transport.time_shift) == ("auto", "none")
+    res, t = rae.vae.data.resolution, rae.vae.teacher
+    grid = build_teacher(t.enc_type, resolution=res, input_size=t.input_size, random_init=True).grid_size(res)
+    assert grid == load_vae(vae.vae.model.vae).latent_grid(res) == (8, 8)

@@ -161,9 +161,11 @@ class RAE(nn.Module):
     def __init__(self, config: RAEConfig, encoder: Teacher):
         super().__init__()
         self.config = config = replace(config)
-        if encoder.name != config.encoder:
+        size = config.encoder_input_size or TEACHERS[config.encoder].input_size
+        if (encoder.name, encoder.input_size) != (config.encoder, size):
             raise ValueError(
-                f"the RAE config names encoder {config.encoder!r}, the teacher given is {encoder.name!r}"
+                f"the RAE config names encoder {config.encoder!r} at input size {size}, the teacher given is "
+                f"{encoder.name!r} at {encoder.input_size}"
             )
         self.grid, self.patch = _check_patch_tokens(encoder, config.resolution)
         if encoder.final_norm != "plain":

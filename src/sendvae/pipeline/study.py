@@ -3,7 +3,8 @@
     ROOT/pretrain                      the shared plain VAE (no alignment)
     ROOT/stages/judge.json             the judge every run is scored by (`evaluation.judge`), and
     ROOT/reference.npz                 its FD reference statistics of held-out real images
-    ROOT/runs/<variant>-s<seed>/vae    fine-tuned from it with <variant>'s alignment
+    ROOT/runs/<variant>-s<seed>/vae    fine-tuned from it with <variant>'s alignment (rae: /pretrain, the
+                                       RAE's decoder trained from scratch; study_config.py)
                               /latents its latent store (with teacher tokens for REPA)
                               /sit     the common SiT recipe on it; checkpoints kept at the eval points
                               /samples samples of every eval point (and with CFG at the end)
@@ -41,10 +42,11 @@ from ..metrics.recon import psnr
 from ..models.vae_io import load_vae
 from ..runtime.checkpoint import atomic_write_bytes
 from ..runtime.distributed import resolve_device
+from ..train.vae_config import PRESETS as VAE_PRESETS
 from .demo import cache_stage, judge_recipe, run_steps, train_sit_stage, train_vae_stage
 from .demo_config import PERCEPTUAL
 from .stages import Stages
-from .study_config import StudyConfig
+from .study_config import RAE, StudyConfig
 from .study_report import write_study_report
 
 
@@ -56,6 +58,13 @@ def _variant(cfg: StudyConfig, variant: str, seed: int):
     """The stages' config of one run: the study's base with the variant's alignment and the run's seed."""
     run = copy.deepcopy(cfg.base)
     run.seed, loss = seed, run.vae.loss
+    if variant == RAE:  # the frozen teacher at 128 px (8 x 8 tokens) + rae-tiny, trained from scratch
+        run.vae.model.vae, run.vae.teacher.input_size, loss.align = "rae-tiny", 128, "none"
+        run.pretrain_steps += run_steps(run.vae)  # a VAE row's pre-training + fine-tune steps
+        o, tiny = run.vae.optim, VAE_PRESETS.build("rae-tiny").optim  # the ViT decoder's optimizer settings
+        o.lr, o.betas, o.warmup_steps = tiny.lr, tiny.betas, tiny.warmup_steps
+        run.sit.transport.time_shift = "auto"
+        return run
     loss.align, loss.align_weight = variant, paper_align_weight(variant, loss.align_weight)
     return run
 
@@ -205,7 +214,7 @@ def _downstream(cfg: StudyConfig, variant: str, vae_export: str, heads: str | No
     keys = ("miou", "fg_iou", "abs_rel", "delta1")
     if heads is None:
         return {**{k: float("nan") for k in keys}, "summary": "no downstream task on this dataset"}
-    if ALIGNMENTS[variant].load is None:
+    if variant not in ALIGNMENTS or ALIGNMENTS[variant].load is None:  # (rae: no head)
         return {**{k: float("nan") for k in keys}, "summary": "no read-out head exported"}
     s = downstream_scores(vae_export, heads, num_images=256, device=cfg.base.device)["scores"]
     out: dict[str, Any] = {k: float(s["vae-real"][k]) for k in keys}
@@ -326,7 +335,8 @@ def _one_run(
     sit_key = {**key, "eval_points": cfg.eval_points}
     run_cfg = _variant(cfg, variant, seed)
     with rst.lock():
-        vae = rst.run("vae", lambda: train_vae_stage(run_cfg, rdir, init), key)["export"]
+        start = None if variant == RAE else init  # the RAE trains its decoder from scratch (ROOT/pretrain)
+        vae = rst.run("vae", lambda: train_vae_stage(run_cfg, rdir, start), key)["export"]
         store = rst.run("latents", lambda: cache_stage(run_cfg, rdir, vae, progress), key)["store"]
         every = eval_steps(cfg)[0]  # checkpoints at the eval points, all kept
         rst.run(

@@ -12,6 +12,17 @@ Compute: each fine-tune takes `base.vae.steps` steps of the same batch size. For
 trains a SiT beside the VAE, that SiT is extra work inside the fine-tune (its VAE steps cost ~1.2x a
 sendvae step on CPU, BENCHMARKS.md); the SiT that is scored is, as for every variant, a fresh one
 trained by the common recipe on the variant's cached latents (REPA-E's own protocol for its E2E-VAE).
+
+`rae` (RAE, arXiv 2510.11690; models/rae.py) is a row beside the aligned VAEs, not a fine-tune: the study's
+teacher, frozen, is its encoder, at 128 px input so that its latent (112 x 8 x 8) has the VAEs' 8 x 8 grid
+and the same SiT sees as many tokens (equal SiT compute: the same blocks, steps and batch; only its patch
+embedding and output layer read and write 112 channels instead of 4, a few hundredths of a block); RAE's
+time shift (`--transport.time_shift auto`: alpha = sqrt(112 x 64 / 4096) = 1.32) is its recipe's, free.
+It trains only a decoder (rae-tiny, from scratch, the VAEs' loss), and its tokenizer compute is counted in
+optimizer steps at the same batch: pre-training + fine-tune steps of a VAE (every VAE row has both behind it)
+are the RAE decoder's steps; the encoder is never trained (its forward pass is its whole cost, measured with
+the step). The REPA targets of its SiT come from the same teacher at the same 128 px (the VAEs' from 64 px),
+and its class probe reads 7168 latent dimensions where a VAE's reads 256: the representation it is.
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ from .demo_config import DemoConfig, DemoEval, DemoLatents, DemoSample, demo_con
 
 # Every alignment variant (align/names.py, the registry's order); each fine-tune uses its own paper's
 # lambda_align (align.names.paper_align_weight: VA-VAE 0.1 with the adaptive weight, REPA-E 1.5, the
-# others 1.0); none keeps base.vae.align_weight (unused: no alignment term).
-VARIANTS = NAMES
+# others 1.0); none keeps base.vae.align_weight (unused: no alignment term). Then the RAE row.
+RAE = "rae"
+VARIANTS = (*NAMES, RAE)
 
 
 def _known(variants: tuple[str, ...]) -> str | None:
@@ -37,7 +49,9 @@ def _known(variants: tuple[str, ...]) -> str | None:
 class StudyConfig:
     scale: str = option("cpu", "the scale this config started from")
     variants: tuple[str, ...] = option(
-        VARIANTS, "alignment variants compared (train-vae --loss.align), comma-separated", check=_known
+        VARIANTS,
+        "variants compared (train-vae --loss.align; rae: the frozen-encoder RAE), comma-separated",
+        check=_known,
     )
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds: one fine-tune + SiT per (variant, seed)", min=0)
     eval_points: int = option(3, "SiT checkpoints scored (evenly spaced, the last at the end)", min=1)
@@ -58,6 +72,10 @@ def _cpu() -> StudyConfig:
     # cut to 450 steps ~105 s, 4 sample sets of 2000 (steps 150 / 300 / 450 without guidance, 450 with CFG
     # 4) at 8 Euler steps ~95 s, reconstructions, judge and probes ~15 s: ~4 min, 18 runs in ~80 min.
     # Cut to fit 2 hours: the SiT steps (450, not the demo's 1000), the Euler steps (8, not 16).
+    # The rae row costs more before its SiT: 1200 decoder steps and caching through the teacher at 128 px,
+    # 428 s + 182 s against a VAE row's 30 s + 24 s, its whole run 1119 s against 683 s, measured on a
+    # contended machine that ran the SiT stage 3x slower than the quiet one (BENCHMARKS.md, RAE): an
+    # estimated ~6 min per seed quiet, ~100 min for the study with it.
     base = demo_config("cpu")
     base.scale = "study-cpu"
     base.sit.optim.max_steps = 450
