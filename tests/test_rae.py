@@ -295,3 +295,23 @@ def test_the_study_row_has_the_vaes_token_grid_and_sit():
     res, t = rae.vae.data.resolution, rae.vae.teacher
     grid = build_teacher(t.enc_type, resolution=res, input_size=t.input_size, random_init=True).grid_size(res)
     assert grid == load_vae(vae.vae.model.vae).latent_grid(res) == (8, 8)
+
+
+def test_the_dinov2_recipe_runs_with_a_vit_encoder(tmp_path):
+    """rae-dinov2-b's recipe (ViT teacher with registers, EMA, adaptive GAN from step 0) for 2 steps, shrunk:
+    DINOv2-S with registers, random weights, 64 px (56 px input: 4 x 4 patch tokens, the 5 prefix tokens
+    dropped), the rae-tiny decoder, the bundled ST-LPIPS instead of the VGG files."""
+    args = f"""--preset rae-dinov2-b --output-dir {tmp_path} --exp-name d --data.name shapes --resolution 64
+        --batch-size 2 --max-steps 2 --model.vae rae-tiny --enc-type dinov2-vit-s-reg --teacher-random-init
+        --loss.lpips_variant stlpips --loss.lpips_net alex --loss.gan_start 0 --run.log_every 1
+        --run.stats_images 4 --data.num_workers 0 --model.disc_ndf 8 --model.disc_layers 2"""
+    assert main(["train-vae", *args.split()]) == 0
+    assert all("g" in r for r in read_stats(tmp_path / "d" / "stats.jsonl"))
+    rae = load_vae(tmp_path / "d" / "export" / "vae")
+    assert isinstance(rae, RAE) and rae.encoder.final_norm == "plain" and rae.downsample_factor == 16
+    with torch.no_grad():
+        z = rae.encode(to_float(torch.stack([ShapesDataset(resolution=64)[i][0] for i in range(2)]))).mean
+    assert z.shape == (2, 384, 4, 4)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "d"))
+    for k, v in rae.decoder.state_dict().items():  # the export is the EMA (the recipe keeps one)
+        assert torch.equal(v, state["ema"][f"decoder.{k}"]), k
