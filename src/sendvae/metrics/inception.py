@@ -62,8 +62,8 @@ def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     the last dim of an NCHW tensor was over 10x slower on CPU: 116 vs 5 ms for 4 images, 256 -> 299).
     The result keeps the input's memory format. A channels-last input (uint8 NHWC images made float,
     as prepare does) is resized in its (N, H, W, C) memory: the horizontal pass gathers the C values
-    of each source pixel from (N * H, W * C) rows, the vertical pass whole (w_out * C) rows; 3.7 vs
-    6.7 ms for the NCHW way plus a channels-last copy (4 images, 256 -> 299, one thread). Any other
+    of each source pixel from (N * H, W * C) rows, the vertical pass whole (w_out * C) rows; ~4 vs
+    6.5 ms for the NCHW way plus a channels-last copy (4 images, 256 -> 299, one thread). Any other
     input goes through a (N, C, W, H) copy for the horizontal pass and comes out contiguous NCHW.
     """
     if x.ndim != 4 or not x.is_floating_point():
