@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sendvae.metrics.conv_bn_relu import ConvBNReLU
 from sendvae.metrics.inception import (
     WEIGHTS_FILE,
-    ConvBNReLU,
     FIDInceptionV3,
     _pool,
     load_fid_inception,
