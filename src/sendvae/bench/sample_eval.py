@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from ..diffusion.sampling import guided_velocity
+from ..metrics.frechet import PR_DISTANCE_DTYPES, precision_recall
+from ..metrics.inception import FIDInceptionV3
 from ..models.sit import SiT, flops_per_image, sized_sit_config
 from ..runtime.hardware import measured_matmul_tflops
 from .timing import peak_gib, reset_peak, sync, time_fn
@@ -77,7 +79,6 @@ def _calibrated_inception(device: torch.device):
     """The FID Inception with random weights and BN statistics taken from one batch of noise, so that
     activations stay O(1) through the network as with the real weights (with the default statistics
     they shrink to ~1e-8 by Mixed_7c; no measurable change in speed, but no near-degenerate values)."""
-    from ..metrics.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     net = FIDInceptionV3()
@@ -193,7 +194,6 @@ def pool3_like_features(n: int, dim: int = 2048, seed: int = 0) -> tuple[np.ndar
 def bench_precision_recall(device: torch.device, n: int, seed: int = 0) -> dict:
     """Precision / recall of pool3_like_features(n) with float16 (ADM's) and float32 distances: the
     figures side by side and the seconds each takes (3 n^2 distances in 2048-d)."""
-    from ..metrics.frechet import PR_DISTANCE_DTYPES, precision_recall
 
     real, fake = (torch.from_numpy(a).to(device) for a in pool3_like_features(n, seed=seed))
     out: dict = {"pr_features": n, "seed": seed}
