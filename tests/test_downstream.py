@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import jaccard_score
 
-from sendvae.analysis import downstream as dsm
+from sendvae.evaluation import downstream as dsm
 from sendvae.cli import main
 from sendvae.data.shapes import ShapesDataset
 from sendvae.evaluation.downstream_heads import (
