@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import jaccard_score
 
-from sendvae.evaluation import downstream as dsm
 from sendvae.cli import main
 from sendvae.data.shapes import ShapesDataset
+from sendvae.evaluation import downstream as dsm
 from sendvae.evaluation.downstream_heads import (
     DownstreamHeads,
     SegDepthMeter,

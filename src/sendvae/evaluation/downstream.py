@@ -109,7 +109,8 @@ def train_downstream(
 
     vae: a train-vae export folder: the teacher (name, input size, weights) and resolution its alignment
     head was aligned to; else ``enc_type`` (default: the embedded teacher) at ``resolution``, with input
-    side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene (`data.shapes_config.SCENES`).
+    side ``teacher_input`` (default: the teacher's rule). scene: the shapes scene
+    (`data.shapes_config.SCENES`).
     """
     if num_images < 1 or steps < 1 or batch_size < 1:
         raise ValueError("--num-images, --head-steps and --batch-size must be >= 1")
