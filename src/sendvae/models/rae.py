@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import from_dict
 from ..runtime.checkpoint import atomic_save_safetensors, atomic_write_json, load_checked, read_checkpoint
 from ..runtime.weights import malformed, read_json
 from ..teachers import TEACHERS, Teacher, build_teacher
-from .latent_stats import denormalize, normalize
+from .autoencoder import Autoencoder, channel_stats
+from .latent_stats import normalize
 from .rae_decoder import RAE_DECODERS, RAEDecoder, RAEDecoderConfig
 
 RAE_JSON = "rae.json"
@@ -136,25 +136,9 @@ class RAEPosterior:
         return torch.zeros(self.mean.shape[0], device=self.mean.device)
 
 
-def _stats(mean: Any, std: Any, channels: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C,) float32 mean and std from (C,), (1, C, 1, 1) or lists; finite with std > 0."""
-    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-    std = torch.as_tensor(std, dtype=torch.float32).flatten()
-    if mean.numel() != channels or std.numel() != channels:
-        raise ValueError(
-            f"{what} need {channels} values per tensor (one per latent channel), got mean {mean.numel()} "
-            f"and std {std.numel()}"
-        )
-    if not torch.isfinite(mean).all() or not (std > 0).all():
-        raise ValueError(f"{what} must be finite with std > 0")
-    return mean, std
-
-
-class RAE(nn.Module):
+class RAE(Autoencoder):
     """Frozen teacher encoder + ViT decoder: images in [-1, 1] (B, 3, H, W) <-> latents (B, C, H/p, W/p)."""
 
-    latent_mean: torch.Tensor  # buffers (C,): the diffusion stage's statistics of z (as AutoencoderKL's)
-    latent_std: torch.Tensor
     feature_mean: torch.Tensor  # buffers (C,): the encoder tokens' statistics that define z
     feature_std: torch.Tensor
 
@@ -175,8 +159,7 @@ class RAE(nn.Module):
         self.decoder = RAEDecoder(config.decoder, c, self.patch)
         self.register_buffer("feature_mean", torch.zeros(c))
         self.register_buffer("feature_std", torch.ones(c))
-        self.register_buffer("latent_mean", torch.zeros(c))
-        self.register_buffer("latent_std", torch.ones(c))
+        self._init_latent_stats(c)  # the diffusion stage's statistics of z (as AutoencoderKL's)
 
     # -- what the pipeline reads ---------------------------------------------------------------------------
     @property
@@ -243,32 +226,10 @@ class RAE(nn.Module):
             )
         return self.decoder(z)
 
-    def forward(
-        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, RAEPosterior]:
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.decode(z), posterior
-
-    # -- statistics ----------------------------------------------------------------------------------------
-    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """(z - mean) / std per channel with the diffusion statistics (`models/latent_stats.py`)."""
-        return normalize(z, self.latent_mean, self.latent_std)
-
-    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return denormalize(z, self.latent_mean, self.latent_std)
-
-    @torch.no_grad()
-    def set_latent_stats(self, mean: Any, std: Any) -> None:
-        """The per-channel statistics of z the diffusion stage normalises with (about 0 / 1 here)."""
-        mean, std = _stats(mean, std, self.latent_channels, "latent stats")
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
-
     @torch.no_grad()
     def set_feature_stats(self, mean: Any, std: Any) -> None:
         """mu, sigma of the encoder's tokens per channel: what z is normalised by (fixed before training)."""
-        mean, std = _stats(mean, std, self.latent_channels, "RAE feature stats")
+        mean, std = channel_stats(mean, std, self.latent_channels, "RAE feature stats")
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
 

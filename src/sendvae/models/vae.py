@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import from_dict
-from .latent_stats import denormalize, normalize
+from .autoencoder import Autoencoder
 from .vae_diffusers import save_vae
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior log-variance
@@ -308,11 +308,8 @@ class Decoder(_Stack):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Autoencoder):
     """KL-regularised autoencoder: images in [-1, 1] (B, 3, H, W) <-> latents (B, embed_dim, H/f, W/f)."""
-
-    latent_mean: torch.Tensor  # buffers (embed_dim,)
-    latent_std: torch.Tensor
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -323,8 +320,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         # Per-channel statistics of the latents (posterior means/samples over a data set); saved with
         # the weights so the diffusion stage never needs a magic scale factor.
-        self.register_buffer("latent_mean", torch.zeros(config.embed_dim))
-        self.register_buffer("latent_std", torch.ones(config.embed_dim))
+        self._init_latent_stats(config.embed_dim)
 
     @property
     def downsample_factor(self) -> int:
@@ -373,40 +369,6 @@ class AutoencoderKL(nn.Module):
                 f"expected latents (B, {self.latent_channels}, h, w), got shape {tuple(z.shape)}"
             )
         return self.decoder(self.post_quant_conv(z))
-
-    def forward(
-        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct x from a posterior sample (or its mean); returns (recon, posterior)."""
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.decode(z), posterior
-
-    # -- latent statistics -------------------------------------------------------------------------------
-
-    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """(z - mean) / std per channel with the VAE's own statistics (`models/latent_stats.py`)."""
-        return normalize(z, self.latent_mean, self.latent_std)
-
-    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of `normalize_latents`: z * std + mean."""
-        return denormalize(z, self.latent_mean, self.latent_std)
-
-    @torch.no_grad()
-    def set_latent_stats(self, mean: torch.Tensor | Any, std: torch.Tensor | Any) -> None:
-        """Store per-channel latent mean/std; accepts (C,), (1, C, 1, 1) or lists."""
-        c = self.latent_channels
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if mean.numel() != c or std.numel() != c:
-            raise ValueError(
-                f"latent stats need {c} values per tensor (one per latent channel), got "
-                f"mean {mean.numel()} and std {std.numel()}"
-            )
-        if not torch.isfinite(mean).all() or not (std > 0).all():
-            raise ValueError("latent stats must be finite with std > 0")
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a diffusers-loadable folder plus `sendvae.json`; see `vae_diffusers.save_vae`."""
