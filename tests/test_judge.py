@@ -139,7 +139,7 @@ def test_missing_fashion_mnist_falls_back_to_the_shapes_and_says_so_first(tmp_pa
     seen = []
 
     def first_stage(cfg, root, init=None):
-        seen.append(cfg.data.dataset)
+        seen.append(cfg.vae.data.name)
         raise Stop
 
     monkeypatch.setattr(demo, "train_vae_stage", first_stage)

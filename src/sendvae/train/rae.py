@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..align import alignment_for
 from ..data import build_dataset
 from ..models.rae import RAE, RAEConfig
 from ..models.rae_decoder import RAE_DECODERS
@@ -54,7 +55,7 @@ def rae_config_for(cfg: TrainVAEConfig) -> RAEConfig:
 def check_rae_run(cfg: TrainVAEConfig) -> None:
     """The options an RAE run cannot take: one line naming each."""
     problems = []
-    if cfg.loss.align != "none":
+    if alignment_for(cfg).loss is not None:  # any variant but none
         problems.append(
             f"--loss.align {cfg.loss.align}: an RAE's latent is the frozen teacher's representation, there "
             "is nothing to align; use --loss.align none"
